@@ -125,7 +125,10 @@ class GPT(nn.Module):
 
     def _init_weights(self, module):
         if isinstance(module, nn.Linear):
-            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if getattr(module, "ZERO_INIT", False):  # an adapter's W_up: zero keeps upcycling exact
+                torch.nn.init.zeros_(module.weight)
+            else:
+                torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
             if module.bias is not None:
                 torch.nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
@@ -162,15 +165,17 @@ class GPT(nn.Module):
         return [block.mlp for block in self.transformer.h if not isinstance(block.mlp, MLP)]
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, eos_id=None, on_token=None):
-        """Autoregressive sampling as nanoGPT; temperature 0 means greedy. Stops early when every
-        row has produced eos_id. on_token(model) is called after each step (sample.py uses it to read
-        each MoE layer's routing for the new token)."""
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, eos_id=None, n_vocab=None):
+        """Autoregressive sampling as nanoGPT (no KV cache); temperature 0 means greedy. Rows that
+        produced eos_id keep emitting it; generation stops once every row has. n_vocab: the
+        tokenizer's size; the padding ids above it (vocab_size is rounded up) are never sampled."""
         finished = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
         for _ in range(max_new_tokens):
             idx_cond = idx if idx.size(1) <= self.config.block_size else idx[:, -self.config.block_size:]
             logits, _ = self(idx_cond)
             logits = logits[:, -1, :].float()
+            if n_vocab is not None:
+                logits[:, n_vocab:] = -float("inf")
             if temperature == 0:
                 idx_next = logits.argmax(dim=-1, keepdim=True)
             else:
@@ -183,8 +188,6 @@ class GPT(nn.Module):
                 idx_next = torch.where(finished[:, None], torch.full_like(idx_next, eos_id), idx_next)
                 finished |= idx_next[:, 0] == eos_id
             idx = torch.cat((idx, idx_next), dim=1)
-            if on_token is not None:
-                on_token(self)
             if eos_id is not None and bool(finished.all()):
                 break
         return idx
@@ -271,6 +274,16 @@ def find_or_fetch_gpt2(name, cache_dir):
 
 def load_hf_gpt2_state(name_or_path, cache_dir=None):
     """Returns (state_dict, config.json dict or None)."""
+    weights, config_path = gpt2_weights_file(name_or_path, cache_dir)
+    hf_config = None
+    if config_path and os.path.isfile(config_path):
+        with open(config_path) as f:
+            hf_config = json.load(f)
+    return read_weights_file(weights), hf_config
+
+
+def gpt2_weights_file(name_or_path, cache_dir=None):
+    """(weights file, config.json path or None) for a model name, a directory or a file."""
     path = str(name_or_path)
     if os.path.isdir(path):
         readable = WEIGHT_FILES if has_safetensors() else WEIGHT_FILES[1:]
@@ -286,11 +299,7 @@ def load_hf_gpt2_state(name_or_path, cache_dir=None):
         weights, config_path = find_or_fetch_gpt2(path, cache_dir), None
     else:
         raise FileNotFoundError(f"{path!r} is neither a file, a directory, nor one of {', '.join(GPT2_SIZES)}")
-    hf_config = None
-    if config_path and os.path.isfile(config_path):
-        with open(config_path) as f:
-            hf_config = json.load(f)
-    return read_weights_file(weights), hf_config
+    return weights, config_path
 
 
 def has_safetensors():
@@ -338,12 +347,14 @@ def convert_hf_gpt2_state(state, model, source="checkpoint"):
         if hf_key not in state:
             problems.append(f"missing key {hf_key}")
             continue
-        tensor = state[hf_key]
+        tensor, expected = state[hf_key], tuple(target.shape)
+        if hf_key.endswith(CONV1D_WEIGHTS):
+            expected = expected[::-1]  # checked and reported in the file's (in, out) layout
+        if tuple(tensor.shape) != expected:
+            problems.append(f"{hf_key}: expected shape {expected}, got {tuple(tensor.shape)}")
+            continue
         if hf_key.endswith(CONV1D_WEIGHTS):
             tensor = tensor.t()
-        if tuple(tensor.shape) != tuple(target.shape):
-            problems.append(f"{hf_key}: expected shape {tuple(target.shape)}, got {tuple(tensor.shape)}")
-            continue
         out[key] = tensor.to(target.dtype).contiguous()
     if problems:
         shown = "; ".join(problems[:5]) + (f"; ... ({len(problems)} problems)" if len(problems) > 5 else "")

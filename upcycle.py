@@ -45,23 +45,24 @@ def upcycle(model, method="pesc", n_experts=8, top_k=2, adapter_dim=64, adapter_
                          "loaded base checkpoint)")
     dense_counts = count_params(model)
 
-    model.requires_grad_(False)
     d = model.config.n_embd
     blocks = model.transformer.h
     chosen = range(len(blocks)) if layers == "all" else range(1, len(blocks), 2)
+    moes = {}  # all built before the model is touched: bad sizes raise and leave it dense and trainable
     for i in chosen:
         ffn = blocks[i].mlp
         assert isinstance(ffn, MLP)
         if method == "pesc":
-            moe = PESCMoE(ffn, d, n_experts, top_k, adapter_dim, adapter_scale, adapter_dropout,
-                          aux_loss_coef, z_loss_coef, router_jitter, dispatch)
-            moe.experts.requires_grad_(True)
+            moes[i] = PESCMoE(ffn, d, n_experts, top_k, adapter_dim, adapter_scale, adapter_dropout,
+                              aux_loss_coef, z_loss_coef, router_jitter, dispatch)
         else:
-            moe = SparseUpcycledMoE(ffn, d, n_experts, top_k, aux_loss_coef, z_loss_coef, router_jitter)
-            moe.experts.requires_grad_(True)
+            moes[i] = SparseUpcycledMoE(ffn, d, n_experts, top_k, aux_loss_coef, z_loss_coef, router_jitter)
+    model.requires_grad_(False)
+    for i, moe in moes.items():
+        moe.experts.requires_grad_(True)
         # with one expert the gate is softmax of one logit == 1: the router has nothing to learn
         moe.router.requires_grad_(n_experts > 1)
-        device, dtype = ffn.c_fc.weight.device, ffn.c_fc.weight.dtype
+        device, dtype = blocks[i].mlp.c_fc.weight.device, blocks[i].mlp.c_fc.weight.dtype
         blocks[i].mlp = moe.to(device=device, dtype=dtype)
     if lora_rank > 0:
         for block in blocks:  # PESC tunes attention with LoRA next to the experts

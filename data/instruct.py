@@ -5,9 +5,9 @@ multi-task instruction set, loaders for users' own files, and batching.
 PESC fine-tunes on a mix of general, code and math instructions. To run with
 no download we generate a tiny analogue of that mix in code, with answers that
 are correct by construction (code answers come from evaluating the expression):
-  general  short string and fact tasks      "Reverse the word: apple" -> "elppa"
-  code     what a tiny Python line prints   "... print(7 // 2)"       -> "3"
-  math     one-step arithmetic word problems "... buys 5 more. How many now?" -> "8"
+  general  short string tasks            "Reverse the word: apple" -> "elppa"
+  code     what a tiny Python line prints  "... print(7 // 2)" -> "3"
+  math     one-step word problems          "... buys 5 more. How many now?" -> "8"
 
 Every prompt is built by format_prompt(), the one template that training,
 evaluation and sampling all share. The loss covers only the response and the
@@ -78,7 +78,7 @@ def random_word(rng):
 
 
 def general_example(rng):
-    """One short string/fact task: (instruction, input, output)."""
+    """One short string task: (instruction, input, output)."""
     kind = rng.randrange(9)
     w = random_word(rng)
     if kind == 0:
@@ -197,8 +197,8 @@ def make_instruction_set(seed=1337, n_train=6000, n_val=300):
         val += unique_examples(rng, family, share(n_val, i), seen)
         train += unique_examples(rng, family, share(n_train, i), seen)
     rng = random.Random(seed)
+    rng.shuffle(val)  # val first, so its order does not depend on n_train either
     rng.shuffle(train)  # interleave the families so any prefix is a balanced mix
-    rng.shuffle(val)
     return dict(train=train, val=val)
 
 

@@ -1,0 +1,92 @@
+"""
+Sample from a dense or PESC checkpoint written by train.py, with the same prompt template.
+
+    python sample.py --prompt="Reverse the word: lemon"
+    python sample.py --prompt_file=my_prompt.txt --temperature=0.8 --top_k=50 --seed=7
+    python sample.py --prompt="What does this Python code print? print(3 * 4)" --show_experts=True
+
+--show_experts=True prints, for every generated token, the experts it was routed to in each MoE
+layer (a token is routed when it is fed back in as input, so we run the finished sequence through
+the model once more and read each layer's choices at the generated positions).
+"""
+
+import os
+import sys
+
+import torch
+
+from data.instruct import format_prompt
+from data.pydocs import get_tokenizer
+from train import build_model, parse_config, read_checkpoint
+
+ckpt = "out/ckpt.pt"
+prompt = ""                  # the instruction; the template is applied unless raw=True
+prompt_file = ""             # or read the instruction from this file
+input = ""                   # optional "### Input:" part of the template
+raw = False                  # feed the prompt as is, without the template
+num_samples = 1
+max_new_tokens = 64
+temperature = 0.8            # 0 = greedy
+top_k = 200
+seed = 1337
+show_experts = False
+device = "cuda" if torch.cuda.is_available() else "cpu"
+CONFIG_KEYS = ["ckpt", "prompt", "prompt_file", "input", "raw", "num_samples", "max_new_tokens",
+               "temperature", "top_k", "seed", "show_experts", "device"]
+
+
+def expert_table(model, enc, idx, n_prompt):
+    """Rows of (token text, [experts per MoE layer]) for the generated positions of idx (1, T)."""
+    model(idx[:, -model.config.block_size:])
+    offset = max(0, idx.size(1) - model.config.block_size)
+    T = idx.size(1) - offset
+    per_layer = [layer.last_indices.view(1, T, -1)[0].tolist() for layer in model.moe_layers()]  # (T, k) each
+    rows = []
+    for t in range(max(n_prompt, offset), idx.size(1)):
+        rows.append((enc.decode([idx[0, t].item()]), [choices[t - offset] for choices in per_layer]))
+    return rows
+
+
+def main(argv):
+    cfg = parse_config(argv, {k: globals()[k] for k in CONFIG_KEYS})
+    if cfg["prompt_file"]:
+        if not os.path.isfile(cfg["prompt_file"]):
+            raise FileNotFoundError(f"prompt_file {cfg['prompt_file']} does not exist")
+        with open(cfg["prompt_file"]) as f:
+            cfg["prompt"] = f.read().strip()
+    if not cfg["prompt"]:
+        raise ValueError("give a prompt: --prompt=\"...\" or --prompt_file=path")
+    if cfg["temperature"] < 0 or cfg["max_new_tokens"] <= 0 or cfg["top_k"] <= 0 or cfg["num_samples"] <= 0:
+        raise ValueError("need temperature >= 0 and positive max_new_tokens, top_k, num_samples")
+    checkpoint = read_checkpoint(cfg["ckpt"])
+    model = build_model(checkpoint, cfg["ckpt"]).to(cfg["device"]).eval()
+    enc = get_tokenizer(checkpoint.get("tokenizer", "bytes"))
+    if cfg["show_experts"] and not model.moe_layers():
+        raise ValueError(f"{cfg['ckpt']} is a dense model: it has no experts to show")
+    text = cfg["prompt"] if cfg["raw"] else format_prompt(cfg["prompt"], cfg["input"])
+    ids = enc.encode_ordinary(text)
+    idx = torch.tensor([ids], dtype=torch.long, device=cfg["device"])
+    torch.manual_seed(cfg["seed"])
+    outputs = []
+    with torch.no_grad():
+        for _ in range(cfg["num_samples"]):
+            out = model.generate(idx, cfg["max_new_tokens"], temperature=cfg["temperature"], top_k=cfg["top_k"],
+                                 eos_id=enc.eot_token, n_vocab=enc.n_vocab)
+            new = out[0, len(ids):].tolist()
+            answer = enc.decode(new[:new.index(enc.eot_token)] if enc.eot_token in new else new)
+            outputs.append(answer)
+            print(text + answer)
+            if cfg["show_experts"]:
+                print(f"experts per generated token (top-{model.moe_layers()[0].top_k}, one column per MoE layer):")
+                for token, choices in expert_table(model, enc, out, len(ids)):
+                    print(f"  {token!r:>8}  " + "  ".join(",".join(map(str, c)) for c in choices))
+            print("-" * 60)
+    return outputs
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1:])
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
