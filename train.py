@@ -564,7 +564,7 @@ def main(argv):
     total, decay_total = cfg["max_iters"], cfg["lr_decay_iters"] or cfg["max_iters"]
     accum = cfg["gradient_accumulation_steps"]
     local_accum = accum // world          # each rank runs its share of the micro-steps
-    losses, row, step = [], None, start_step
+    losses, row, done = [], None, start_step  # done: optimizer steps applied to the weights
     train_counts = None                   # routing counts of the training batches since the last eval
     bar = tqdm(range(start_step, total), desc=f"tune ({cfg['method']})", initial=start_step, total=total,
                disable=not master)
@@ -599,6 +599,7 @@ def main(argv):
                 torch.nn.utils.clip_grad_norm_([p for p in raw_model.parameters() if p.requires_grad], cfg["grad_clip"])
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            done = step + 1
             losses.append(step_loss)
             if step % cfg["log_interval"] == 0:
                 postfix = dict(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
@@ -629,8 +630,8 @@ def main(argv):
                 if dist.is_initialized():
                     dist.barrier()
     except KeyboardInterrupt:
-        checkpoint(step)
-        say(f"\ninterrupted: saved step {step} to {ckpt_path}; continue with --init_from=resume")
+        checkpoint(done)  # a half-accumulated step is dropped; resuming redoes it from its start
+        say(f"\ninterrupted: saved step {done} to {ckpt_path}; continue with --init_from=resume")
         return None
     finally:
         if dist.is_initialized():
