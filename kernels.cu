@@ -18,9 +18,12 @@ GELU is the exact erf form (F.gelu's default); build without --use_fast_math so 
 */
 
 #include <torch/extension.h>
-#include <ATen/cuda/CUDAContext.h>
 #include <ATen/OpMathType.h>
+// c10's stream header rather than ATen/cuda/CUDAContext.h: the latter pulls in the cuSPARSE, cuBLAS and
+// cuSOLVER headers, which a minimal CUDA toolkit lacks. at::cuda::getCurrentCUDAStream is c10's function.
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -77,11 +80,11 @@ __device__ __forceinline__ T warp_sum(T v) {
 //   probs[n, e]   = exp(l_e - m) / sum_e' exp(l_e' - m)
 //   weights[n, j] = exp(l_idx_j - m) / sum_j' exp(l_idx_j' - m)
 //
-// One thread per token: E is small (4..64), so a row fits one thread's loop and the three passes over
-// it hit L1. The top-k is found by k selection passes in the total order "larger logit first, then
-// lower index", each pass taking the best expert that comes after the previous pick in that order;
-// no per-row scratch, no limit on E. Counts go to a shared per-block histogram (integer atomics),
-// then one global atomic add per expert per block.
+// One thread per token: E is small (the paper uses 4 to 16), so a row fits one thread's loops and
+// the repeated passes over it hit L1. The top-k is found by k selection passes in the total order
+// "larger logit first, then lower index", each pass taking the best expert that comes after the
+// previous pick in that order; no per-row scratch, no limit on E. Counts go to a shared per-block
+// histogram (integer atomics), then one global atomic add per expert per block.
 
 __global__ void route_forward_kernel(const float* __restrict__ logits, int N, int E, int k,
                                      float* __restrict__ weights, int64_t* __restrict__ indices,

@@ -36,7 +36,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from data.instruct import FAMILIES, collate, encode_dataset, format_prompt, load_instruction_file, make_instruction_set
-from data.pydocs import BYTE_VOCAB_SIZE, encode_corpus, get_tokenizer, load_pydocs_text, train_val_split
+from data.pydocs import BYTE_VOCAB_SIZE, encode_corpus, get_tokenizer, load_pydocs_documents, train_val_split
 from model import GPT, GPT2_SIZES, GPTConfig, gpt2_weights_file
 from upcycle import count_params, upcycle
 
@@ -79,6 +79,7 @@ dispatch = "dense"              # "dense" (masked matmuls / CUDA kernels) | "loo
 # instruction tuning
 dataset = "embedded"            # "embedded" or a path to Alpaca .json / Alpaca-or-chat .jsonl
 n_train = 6000                  # size of the embedded instruction set
+data_seed = 1337                # the embedded set's generator seed: fixed, so runs of any seed share the data
 n_val = 300
 max_iters = 600
 lr_decay_iters = 0              # length of the warmup + cosine schedule; 0 = max_iters
@@ -372,7 +373,7 @@ def load_summary(expert_counts):
 
 def pretrain_base(cfg, enc, device, ctx):
     """Pretrains a small dense GPT on CPython's own documentation and saves it to base_ckpt."""
-    ids = encode_corpus(enc, load_pydocs_text())
+    ids = encode_corpus(enc, load_pydocs_documents())
     train_ids, val_ids = train_val_split(ids)
     config = GPTConfig(block_size=cfg["block_size"], vocab_size=BYTE_VOCAB_SIZE, n_layer=cfg["n_layer"],
                        n_head=cfg["n_head"], n_embd=cfg["n_embd"], dropout=cfg["dropout"], bias=cfg["bias"])
@@ -518,7 +519,7 @@ def main(argv):
 
     # data: the embedded instruction set, or the user's file (10 % of it, at most n_val, held out)
     if cfg["dataset"] == "embedded":
-        split = make_instruction_set(seed=cfg["seed"], n_train=cfg["n_train"], n_val=cfg["n_val"])
+        split = make_instruction_set(seed=cfg["data_seed"], n_train=cfg["n_train"], n_val=cfg["n_val"])
         train_examples, val_examples = split["train"], split["val"]
     else:
         examples = load_instruction_file(cfg["dataset"])
@@ -565,6 +566,7 @@ def main(argv):
     accum = cfg["gradient_accumulation_steps"]
     local_accum = accum // world          # each rank runs its share of the micro-steps
     losses, row, done = [], None, start_step  # done: optimizer steps applied to the weights
+    step_times = []                       # wall time of each training step, evaluation excluded
     train_counts = None                   # routing counts of the training batches since the last eval
     bar = tqdm(range(start_step, total), desc=f"tune ({cfg['method']})", initial=start_step, total=total,
                disable=not master)
@@ -600,6 +602,9 @@ def main(argv):
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             done = step + 1
+            if device_type == "cuda":
+                torch.cuda.synchronize()
+            step_times.append(time.time() - t0)
             losses.append(step_loss)
             if step % cfg["log_interval"] == 0:
                 postfix = dict(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
@@ -653,7 +658,21 @@ def main(argv):
         say(format_prompt(ex["instruction"], ex.get("input", "")) + ans + f"    [expected: {ex['output']}]")
     say("-" * 60)
     say(f"total wall time {time.time() - t_start:.0f} s; checkpoint {ckpt_path}, log {log_path}")
-    return dict(before=before, after=after, val_loss=row["val_loss"], counts=counts)
+    steady = step_times[len(step_times) // 10:] or step_times  # skip warm-up steps
+    result = dict(method=cfg["method"], seed=cfg["seed"], before=before, after=after, val_loss=row["val_loss"],
+                  counts=counts, step_time_s=sum(steady) / max(len(steady), 1),
+                  checkpoint_bytes=os.path.getsize(ckpt_path), peak_memory_bytes=peak_memory(device_type))
+    with open(os.path.join(cfg["out_dir"], "result.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    return result
+
+
+def peak_memory(device_type):
+    """Peak GPU memory allocated, or on a CPU the process's peak resident set size."""
+    if device_type == "cuda":
+        return torch.cuda.max_memory_allocated()
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
 def log_row(path, row):

@@ -29,10 +29,10 @@ TOKENIZERS = ("bytes", "gpt2")
 GPT2_PAT = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 
 
-def load_pydocs_text():
-    """All pydoc help topics, in sorted key order, separated by blank lines."""
+def load_pydocs_documents():
+    """All pydoc help topics, in sorted key order: one document per topic."""
     from pydoc_data.topics import topics
-    return "\n\n".join(topics[key] for key in sorted(topics))
+    return [topics[key] for key in sorted(topics)]
 
 
 def byte_tokenizer():
@@ -65,11 +65,19 @@ def get_tokenizer(name):
     raise ValueError(f"unknown tokenizer {name!r}; valid names: {', '.join(TOKENIZERS)}")
 
 
-def encode_corpus(enc, text):
-    """Token ids of `text` as uint16 (EOT-like strings in the text stay plain text)."""
+def encode_corpus(enc, documents):
+    """Token ids of the documents as one uint16 stream, each document followed by EOT (GPT-2 does
+    the same). Pretraining thus teaches the base what EOT means, "the text is over", which the
+    instruction-tuned model must emit after its answer; a base that never saw EOT can only learn it
+    through the few tuned parameters, and learns it badly. EOT-like strings inside a document stay
+    plain text."""
     if enc.n_vocab > 2**16:
         raise ValueError(f"tokenizer {enc.name} has {enc.n_vocab} tokens; ids do not fit in uint16")
-    return np.array(enc.encode_ordinary(text), dtype=np.uint16)
+    ids = []
+    for doc in documents:
+        ids.extend(enc.encode_ordinary(doc))
+        ids.append(enc.eot_token)
+    return np.array(ids, dtype=np.uint16)
 
 
 def train_val_split(ids, val_fraction=0.1):
@@ -84,9 +92,9 @@ def train_val_split(ids, val_fraction=0.1):
 
 
 if __name__ == "__main__":
-    text = load_pydocs_text()
+    docs = load_pydocs_documents()
     enc = byte_tokenizer()
-    ids = encode_corpus(enc, text)
+    ids = encode_corpus(enc, docs)
     train, val = train_val_split(ids)
-    print(f"pydocs corpus: {len(text):,} chars, {len(ids):,} byte tokens "
+    print(f"pydocs corpus: {len(docs)} documents, {sum(map(len, docs)):,} chars, {len(ids):,} byte tokens "
           f"(train {len(train):,}, val {len(val):,})")

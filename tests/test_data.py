@@ -15,7 +15,7 @@ import torch
 from data.instruct import (FAMILIES, collate, encode_dataset, encode_example, format_prompt,
                            load_instruction_file, make_instruction_set)
 from data.pydocs import (BYTE_VOCAB_SIZE, byte_tokenizer, encode_corpus, get_tokenizer,
-                         load_pydocs_text, train_val_split)
+                         load_pydocs_documents, train_val_split)
 
 EOT_ID = 256
 
@@ -185,12 +185,16 @@ def test_gpt2_failure_explains_the_cache(monkeypatch):
 
 
 def test_pydocs_corpus(enc):
-    text = load_pydocs_text()
-    assert text == load_pydocs_text() and len(text) > 100_000
-    ids = encode_corpus(enc, text[:5000])
-    assert ids.dtype == np.uint16 and enc.decode(ids.tolist()) == text[:5000]
+    docs = load_pydocs_documents()
+    assert docs == load_pydocs_documents() and len(docs) > 50 and sum(map(len, docs)) > 100_000
+    ids = encode_corpus(enc, docs[:2])
+    assert ids.dtype == np.uint16
+    # each document is followed by EOT, so the base learns what EOT means
+    first = len(docs[0].encode("utf-8"))
+    assert ids[first] == enc.eot_token and ids[-1] == enc.eot_token
+    assert enc.decode(ids[:first].tolist()) == docs[0]
     train, val = train_val_split(ids, 0.1)
-    assert len(val) == 500 and np.array_equal(np.concatenate([train, val]), ids)
+    assert len(val) == int(len(ids) * 0.1) and np.array_equal(np.concatenate([train, val]), ids)
 
 
 # -----------------------------------------------------------------------------

@@ -4,6 +4,7 @@ train.py and sample.py end to end, on a tiny model (seconds on a CPU).
     python -m pytest tests/test_train.py -q
 """
 
+import glob
 import json
 import os
 import subprocess
@@ -113,9 +114,10 @@ def test_command_line_errors_are_one_clear_line(tmp_path):
 
 
 def test_every_config_file_parses():
-    for name in sorted(os.listdir(os.path.join(ROOT, "config"))):
-        if name.endswith(".py"):
-            train.parse_config([os.path.join(ROOT, "config", name)], DEFAULTS)
+    paths = sorted(glob.glob(os.path.join(ROOT, "config", "**", "*.py"), recursive=True))
+    assert len(paths) >= 3
+    for path in paths:
+        train.parse_config([path], DEFAULTS)
 
 
 # -----------------------------------------------------------------------------

@@ -1,0 +1,33 @@
+# PESC on real GPT-2 (124M), instruction-tuned on Alpaca, on one GPU.
+#   python train.py config/gpt2_pesc.py
+# Needs (see README, "Upcycle real GPT-2"): the GPT-2 weights (downloaded once into ~/.cache/pesc/gpt2,
+# or put pytorch_model.bin there by hand), tiktoken's GPT-2 BPE files, and data/alpaca_data.json.
+#
+# Worked out from the parameter counts (python -c "from upcycle import ..." prints them, see README):
+#   total 134.4M (dense 124.4M), trainable 9.95M (adapters 9.44M + routers 74K + LoRA 442K), active 127.3M.
+#   Memory: fp32 weights 0.54 GB + grads and AdamW moments of the trainable part 0.12 GB; activations
+#   under bf16 autocast ~0.6 MB per token (12 layers) -> a 16 x ~600-token micro-batch ~6 GB, plus
+#   ~4 GB of fp32 logits and their gradient over the 50257-token vocabulary: ~11 GB in all.
+#   Time: ~6 x 127M = 0.76 GFLOP per token; Alpaca is ~52K examples x ~250 tokens = ~13M tokens per
+#   epoch = ~10 PFLOP: ~1.5 min at 100 TFLOP/s sustained (H100 at ~10% MFU, usual for a 124M model).
+#   These are estimates, not measurements.
+out_dir = "out-gpt2-pesc"
+init_from = "gpt2"
+dataset = "data/alpaca_data.json"
+method = "pesc"
+n_experts = 8
+top_k = 2
+adapter_dim = 64
+adapter_scale = 1.0
+lora_rank = 8
+lora_alpha = 16.0
+batch_size = 16
+gradient_accumulation_steps = 2
+max_iters = 1600            # ~1 epoch of Alpaca (52K examples / 32 per step)
+learning_rate = 2e-4        # the paper's recipe: lr 2e-4, 3 % warmup, no weight decay
+warmup_frac = 0.03
+weight_decay = 0.0
+eval_interval = 200
+n_val = 200
+eval_max_new_tokens = 64
+compile = True
