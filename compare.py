@@ -7,10 +7,10 @@ instruction set, with the same steps, data order and learning-rate schedule, for
     python compare.py --report             # only rebuild the table and figures from finished runs
     python compare.py --gpt2               # the GPT-2-scale parameter / memory table and the CPU step-time ratio
 
-Each run is `python train.py config/compare/<name>.py --seed=S` in its own process (so that its
-peak memory is its own); its summary lands in <out>/<name>-s<S>/result.json. The report is
-<out>/results.json, <out>/results.md and two PNG figures (matplotlib, optional: it says how to
-install it when missing).
+Each run is `python train.py config/compare/common.py config/compare/<name>.py --seed=S` in its own process (so that its
+peak memory is its own); its checkpoints and summary land in out-compare/<name>-s<S>/ (git-ignored).
+The report goes to results/ (in git): compare.json, compare.md and two PNG figures (matplotlib,
+optional: it says how to install it when missing).
 """
 
 import argparse
@@ -25,7 +25,7 @@ import time
 import torch
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-RUNS = ["dense", "adapter", "sparse8", "pesc4", "pesc8", "pesc16"]  # config/compare/<name>.py
+RUNS = ["dense", "adapter", "sparse8", "pesc4", "pesc8", "pesc16"]  # config/compare/<name>.py, after common.py
 LABELS = {"dense": "dense, full fine-tune", "adapter": "dense + 1 adapter (PESC E=1, k=1)",
           "sparse8": "sparse upcycling E=8, k=2", "pesc4": "PESC E=4, k=2", "pesc8": "PESC E=8, k=2",
           "pesc16": "PESC E=16, k=2"}
@@ -42,7 +42,8 @@ def run_all(out, seeds):
             print(f"[{i + 1}/{len(todo)}] {name} seed {seed}: done already")
             continue
         print(f"[{i + 1}/{len(todo)}] {name} seed {seed} ({time.time() - t0:.0f} s so far)", flush=True)
-        cmd = [sys.executable, "train.py", f"config/compare/{name}.py", f"--seed={seed}", f"--out_dir={run_dir}",
+        cmd = [sys.executable, "train.py", "config/compare/common.py", f"config/compare/{name}.py", f"--seed={seed}",
+               f"--out_dir={run_dir}",
                f"--base_ckpt={base}"]
         with open(os.path.join(out, f"{name}-s{seed}.log"), "w") as log:
             r = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
@@ -60,7 +61,7 @@ def pm(values, scale=100.0, digits=1):
     return f"{m:.{digits}f} ± {s:.{digits}f}"
 
 
-def report(out):
+def report(out, dest):
     results = {}
     for path in sorted(glob.glob(os.path.join(out, "*-s*", "result.json"))):
         name = os.path.basename(os.path.dirname(path)).rsplit("-s", 1)[0]
@@ -93,9 +94,10 @@ def report(out):
     seeds = sorted({s for v in summary.values() for s in v["seeds"]})
     table = "\n".join(rows) + (f"\n\nExact match (EM) on the held-out split, mean ± std over seeds {seeds}; "
                                f"before tuning every method scores {results['adapter'][0]['before']['exact_match']['average'] * 100:.1f} %.")
-    with open(os.path.join(out, "results.json"), "w") as f:
+    os.makedirs(dest, exist_ok=True)
+    with open(os.path.join(dest, "compare.json"), "w") as f:
         json.dump(dict(summary=summary, runs=results), f, indent=1)
-    with open(os.path.join(out, "results.md"), "w") as f:
+    with open(os.path.join(dest, "compare.md"), "w") as f:
         f.write(table + "\n")
     print(table)
     if "pesc8" in summary and "sparse8" in summary:
@@ -103,10 +105,10 @@ def report(out):
         print(f"\ntargets: PESC E=8 step time / adapter baseline = {p['step_time_vs_adapter']:.2f} (<= 1.3); "
               f"trainable PESC/sparse = {p['counts']['trainable'] / s['counts']['trainable']:.3f} (<= 0.2); "
               f"checkpoint PESC/sparse = {p['checkpoint_bytes'] / s['checkpoint_bytes']:.3f} (<= 0.1)")
-    figures(out, names, seeds)
+    figures(out, dest, names, seeds)
 
 
-def figures(out, names, seeds):
+def figures(out, dest, names, seeds):
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -120,7 +122,7 @@ def figures(out, names, seeds):
         curves = []
         for seed in seeds:
             path = os.path.join(out, f"{name}-s{seed}", "log.jsonl")
-            if os.path.isfile(path):
+            if os.path.isfile(os.path.join(out, f"{name}-s{seed}", "result.json")):  # finished runs only
                 with open(path) as f:
                     curves.append([(r["step"], r["val_loss"]) for r in map(json.loads, f)])
         steps = [s for s, _ in curves[0]]
@@ -131,7 +133,7 @@ def figures(out, names, seeds):
     ax.set_title(f"Validation loss, mean over seeds {seeds}")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(os.path.join(out, "val_loss.png"), dpi=120)
+    fig.savefig(os.path.join(dest, "val_loss.png"), dpi=120)
     # expert usage per task family per layer for PESC E=8 (the paper's routing analysis)
     usage = expert_usage(os.path.join(out, f"pesc8-s{seeds[0]}", "ckpt.pt"))
     if usage is not None:
@@ -143,13 +145,15 @@ def figures(out, names, seeds):
             ax.set_title(f"layer {layer}")
             ax.set_xticks(range(usage.size(2)))
             ax.set_yticks(range(len(FAMILIES)))
-            ax.set_yticklabels(FAMILIES)
+            ax.set_yticklabels(FAMILIES if layer == 0 else [])
             ax.set_xlabel("expert")
-        fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8, label="share of the family's assignments")
+        fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8,
+                     label=f"share of the family's assignments (uniform: 1/{usage.size(2)})")
         fig.suptitle(f"PESC E=8: expert usage per task family on the held-out split (seed {seeds[0]})")
-        fig.savefig(os.path.join(out, "expert_usage.png"), dpi=120, bbox_inches="tight")
-        torch.save(usage, os.path.join(out, "expert_usage.pt"))
-    print(f"figures: {out}/val_loss.png, {out}/expert_usage.png")
+        fig.savefig(os.path.join(dest, "expert_usage.png"), dpi=120, bbox_inches="tight")
+        with open(os.path.join(dest, "expert_usage.json"), "w") as f:
+            json.dump(dict(families=FAMILIES, shares=usage.tolist()), f)
+    print(f"figures: {dest}/val_loss.png, {dest}/expert_usage.png")
 
 
 @torch.no_grad()
@@ -224,7 +228,8 @@ def gpt2_table():
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default="out-compare", help="where the runs and the report go")
+    parser.add_argument("--out", default="out-compare", help="where the runs go")
+    parser.add_argument("--results", default="results", help="where the report and the figures go")
     parser.add_argument("--seeds", default="1,2,3", help="comma-separated training seeds")
     parser.add_argument("--report", action="store_true", help="only rebuild the report from finished runs")
     parser.add_argument("--gpt2", action="store_true", help="print the GPT-2-scale table instead")
@@ -235,4 +240,4 @@ if __name__ == "__main__":
     os.makedirs(args.out, exist_ok=True)
     if not args.report:
         run_all(args.out, [int(s) for s in args.seeds.split(",")])
-    report(args.out)
+    report(args.out, args.results)

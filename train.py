@@ -46,7 +46,7 @@ from upcycle import count_params, upcycle
 out_dir = "out"                 # tuned checkpoint (ckpt.pt) and log.jsonl go here
 base_ckpt = "out/base.pt"       # the cached pretrained base (init_from="base")
 init_from = "base"              # "base" | "scratch" | "resume" | "gpt2" | "gpt2-medium" | ... | path to a dense ckpt
-eval_interval = 100             # held-out response loss every this many tuning steps
+eval_interval = 200             # held-out response loss every this many tuning steps
 log_interval = 10
 eval_max_new_tokens = 16        # greedy decoding budget for exact match
 n_samples = 6                   # greedy samples printed at the end
@@ -81,11 +81,11 @@ dataset = "embedded"            # "embedded" or a path to Alpaca .json / Alpaca-
 n_train = 6000                  # size of the embedded instruction set
 data_seed = 1337                # the embedded set's generator seed: fixed, so runs of any seed share the data
 n_val = 300
-max_iters = 600
+max_iters = 1000
 lr_decay_iters = 0              # length of the warmup + cosine schedule; 0 = max_iters
 batch_size = 32                 # per micro-step and per process
 gradient_accumulation_steps = 1
-learning_rate = 2e-3
+learning_rate = 5e-3
 min_lr_ratio = 0.1              # cosine decays to learning_rate * min_lr_ratio
 warmup_frac = 0.03              # the paper's 3 % warmup
 weight_decay = 0.0              # the paper uses none; only matrices would get it, never norms/biases/routers

@@ -51,7 +51,7 @@ def assert_close(out, ref, atol, rtol):
 # CUDA kernel implements. gradcheck on these checks that formula; the GPU tests compare with them.
 
 class RouteReference(torch.autograd.Function):
-    """route() in the input's own dtype (route() itself always computes in fp32)."""
+    """route() with the backward written out (route_backward_reference), for gradcheck."""
 
     @staticmethod
     def forward(ctx, logits, top_k):

@@ -167,3 +167,19 @@ def test_greedy_sample_matches_training_evaluation(tuned):
     got = sample.main([f"--ckpt={out}/ckpt.pt", "--prompt=Uppercase: kiwi", "--max_new_tokens=6",
                        "--temperature=0", "--device=cpu"])[0]
     assert got == want
+
+
+def test_weight_decay_only_on_matrices_never_on_norms_biases_or_routers():
+    from model import GPT, GPTConfig
+    from upcycle import upcycle
+    model = GPT(GPTConfig(block_size=16, vocab_size=64, n_layer=2, n_head=2, n_embd=16))
+    upcycle(model, n_experts=4, top_k=2, adapter_dim=4, lora_rank=2, verbose=False)
+    opt = train.make_optimizer(model, 1e-3, 0.1, "cpu")
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    decayed = {id(p) for p in decay["params"]}
+    names = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    assert any("router" in n for n in names) and any("experts" in n for n in names)
+    for name, p in names.items():
+        assert (id(p) in decayed) == (p.dim() >= 2 and ".router." not in name), name
+    assert len(decay["params"]) + len(no_decay["params"]) == len(names)  # frozen weights are not in it
