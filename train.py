@@ -471,6 +471,9 @@ def main(argv):
     for key in ("max_iters", "batch_size", "gradient_accumulation_steps", "eval_interval", "pretrain_iters"):
         if cfg[key] <= 0:
             raise ValueError(f"{key} must be positive, got {cfg[key]}")
+    if cfg["dataset"] != "embedded" and not os.path.isfile(cfg["dataset"]):
+        raise FileNotFoundError(f"dataset file {cfg['dataset']} does not exist; give an Alpaca .json or a "
+                                f".jsonl file (Alpaca or chat records), or dataset=embedded")
     rank, world, device = setup_ddp(cfg)
     master = rank == 0
     device_type = device.split(":")[0]

@@ -183,3 +183,20 @@ def test_weight_decay_only_on_matrices_never_on_norms_biases_or_routers():
     for name, p in names.items():
         assert (id(p) in decayed) == (p.dim() >= 2 and ".router." not in name), name
     assert len(decay["params"]) + len(no_decay["params"]) == len(names)  # frozen weights are not in it
+
+
+def test_training_on_a_user_file(tuned, tmp_path):
+    out, _ = tuned
+    data = tmp_path / "mine.jsonl"
+    rows = [{"messages": [{"role": "user", "content": f"Echo {w}"}, {"role": "assistant", "content": w}]}
+            for w in ["red", "green", "blue", "cyan", "pink", "gold", "grey", "teal", "navy", "plum"] * 3]
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    result = train.main(TINY + [f"--out_dir={tmp_path}/run", f"--base_ckpt={out}/base.pt", f"--dataset={data}",
+                                "--max_iters=4", "--eval_interval=4"])
+    assert set(result["after"]) == {"file", "average"}  # one family for a user's file
+    assert read_log(f"{tmp_path}/run")[-1]["step"] == 4
+
+
+def test_missing_dataset_file_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="dataset file .*nope.json does not exist"):
+        train.main(TINY + [f"--out_dir={tmp_path}", f"--dataset={tmp_path}/nope.json"])
