@@ -24,6 +24,8 @@ import time
 
 import torch
 
+from train import read_log
+
 ROOT = os.path.dirname(os.path.abspath(__file__))
 RUNS = ["dense", "adapter", "sparse8", "pesc4", "pesc8", "pesc16"]  # config/compare/<name>.py, after common.py
 LABELS = {"dense": "dense, full fine-tune", "adapter": "dense + 1 adapter (PESC E=1, k=1)",
@@ -121,10 +123,9 @@ def figures(out, dest, names, seeds):
     for name in names:
         curves = []
         for seed in seeds:
-            path = os.path.join(out, f"{name}-s{seed}", "log.jsonl")
-            if os.path.isfile(os.path.join(out, f"{name}-s{seed}", "result.json")):  # finished runs only
-                with open(path) as f:
-                    curves.append([(r["step"], r["val_loss"]) for r in map(json.loads, f)])
+            run_dir = os.path.join(out, f"{name}-s{seed}")
+            if os.path.isfile(os.path.join(run_dir, "result.json")):  # finished runs only
+                curves.append([(r["step"], r["val_loss"]) for r in read_log(run_dir)])
         steps = [s for s, _ in curves[0]]
         mean = [statistics.mean(c[i][1] for c in curves) for i in range(len(steps))]
         ax.plot(steps[1:], mean[1:], marker="o", ms=3, label=LABELS[name])
@@ -162,7 +163,6 @@ def expert_usage(ckpt_path):
     over every real token of the held-out prompts and responses."""
     if not os.path.isfile(ckpt_path):
         return None
-    sys.path.insert(0, ROOT)
     import train
     from data.instruct import collate, encode_dataset, make_instruction_set
     from data.pydocs import get_tokenizer
@@ -186,7 +186,6 @@ def expert_usage(ckpt_path):
 def gpt2_table():
     """Parameter counts and AdamW state for GPT-2 shapes (random weights, on the meta device: no
     memory needed), and the CPU step-time ratio PESC / dense at 124M with real random weights."""
-    sys.path.insert(0, ROOT)
     from model import GPT, GPT2_SIZES, GPTConfig
     from upcycle import count_params, upcycle
     lines = ["| model | method | total | trainable | active / token | AdamW state (fp32) |", "|" + " --- |" * 6]

@@ -678,6 +678,12 @@ def peak_memory(device_type):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
+def read_log(out_dir):
+    """The rows of out_dir/log.jsonl, one dict per evaluation (compare.py and the tests read them)."""
+    with open(os.path.join(out_dir, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
 def log_row(path, row):
     with open(path, "a") as f:
         f.write(json.dumps(row) + "\n")

@@ -5,7 +5,6 @@ sha256, clear errors for corrupt or foreign files, a stop on NaN, Ctrl-C, and DD
     python -m pytest tests/test_checkpoints.py -q
 """
 
-import json
 import os
 import shutil
 import socket
@@ -16,17 +15,13 @@ import pytest
 import torch
 
 import train
+from train import read_log
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=128", "--pretrain_iters=20",
         "--pretrain_batch_size=8", "--n_train=200", "--n_val=8", "--batch_size=4", "--eval_max_new_tokens=2",
         "--n_samples=0", "--n_experts=4", "--top_k=2", "--adapter_dim=8", "--lora_rank=4", "--device=cpu",
         "--dtype=float32", "--learning_rate=1e-2"]
-
-
-def read_log(out_dir):
-    with open(os.path.join(out_dir, "log.jsonl")) as f:
-        return [json.loads(line) for line in f]
 
 
 @pytest.fixture(scope="module")

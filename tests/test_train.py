@@ -14,17 +14,13 @@ import pytest
 
 import sample
 import train
+from train import read_log
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=128", "--pretrain_iters=30",
         "--pretrain_batch_size=8", "--n_train=300", "--n_val=12", "--batch_size=8", "--eval_max_new_tokens=4",
         "--n_samples=1", "--n_experts=4", "--top_k=2", "--adapter_dim=8", "--lora_rank=4", "--device=cpu",
         "--dtype=float32", "--log_interval=1000"]
-
-
-def read_log(out_dir):
-    with open(os.path.join(out_dir, "log.jsonl")) as f:
-        return [json.loads(line) for line in f]
 
 
 @pytest.fixture(scope="module")
