@@ -82,27 +82,27 @@ class TopKRouter(nn.Module):
             return F.linear(h, self.gate.weight.to(h.dtype))
 
 
-def assignment_shares(indices, n_experts, token_mask=None):
-    """f in Eq. 10: the share of (token, slot) assignments per expert, over real tokens only.
-    Returns (f (E,) fp32 summing to 1, assignment counts (E,) fp32)."""
-    ones = torch.ones(indices.shape, dtype=torch.float32, device=indices.device)
+def assignment_counts(indices, n_experts, token_mask=None):
+    """(E,) int64: how many (token, slot) assignments each expert got, over real tokens only
+    (token_mask (N,) bool, False for padding). Without a mask this is route()'s counts."""
+    ones = torch.ones_like(indices)
     if token_mask is not None:
-        ones = ones * token_mask.reshape(-1, 1).float()
-    counts = torch.zeros(n_experts, dtype=torch.float32, device=indices.device)
-    counts.scatter_add_(0, indices.reshape(-1), ones.reshape(-1))
-    return counts / counts.sum().clamp(min=1.0), counts
+        ones = ones * token_mask.reshape(-1, 1).long()
+    counts = torch.zeros(n_experts, dtype=torch.long, device=indices.device)
+    return counts.scatter_add_(0, indices.reshape(-1), ones.reshape(-1))
 
 
-def balance_loss(probs, indices, token_mask=None):
-    """Eq. 10 without alpha: E * sum_i f_i * P_i. f is a count and carries no gradient; the
-    gradient reaches the router through P_i, pushing probability away from overloaded experts.
-    (The official PESC code averaged the top-k *weights* instead, which makes this the constant E.)"""
+def balance_loss(probs, counts, token_mask=None):
+    """Eq. 10 without alpha: E * sum_i f_i * P_i, with f = counts / sum(counts) the share of
+    assignments. f is a count and carries no gradient; the gradient reaches the router through P_i,
+    pushing probability away from overloaded experts. (The official PESC code averaged the top-k
+    *weights* instead, which makes this the constant E.)"""
     n_experts = probs.size(-1)
-    f, _ = assignment_shares(indices, n_experts, token_mask)
+    f = counts.to(probs.dtype) / counts.sum().clamp(min=1)
     if token_mask is None:
         P = probs.mean(dim=0)
     else:  # a float mask instead of boolean indexing: no host sync
-        m = token_mask.reshape(-1, 1).float()
+        m = token_mask.reshape(-1, 1).to(probs.dtype)
         P = (probs * m).sum(dim=0) / m.sum().clamp(min=1.0)
     return n_experts * torch.sum(f * P)
 
@@ -112,7 +112,7 @@ def load_balancing_loss(router_logits, top_k, token_mask=None):
     token_mask (N,) bool, False for padding tokens, which are left out."""
     probs = F.softmax(at_least_fp32(router_logits), dim=-1)
     indices = torch.topk(router_logits, top_k, dim=-1).indices
-    return balance_loss(probs, indices, token_mask)
+    return balance_loss(probs, assignment_counts(indices, probs.size(-1), token_mask), token_mask)
 
 
 def router_z_loss(router_logits, token_mask=None):
@@ -207,14 +207,12 @@ class PESCMoE(nn.Module):
         u = self.ffn(h)                                                 # (N, d), the shared expert body
         logits = self.router(h)                                         # (N, E) fp32
         fused = self.dispatch == "dense" and use_kernels(h)              # the loop path stays PyTorch
-        weights, indices, probs, counts = (route_cuda if fused else route)(logits, self.top_k)
-        aux = aux_loss(self, logits, probs, indices, token_mask)
+        weights, indices, aux = route_with_aux_loss(self, logits, token_mask, fused)
         u_in = self.adapter_dropout(u)
         if self.dispatch == "loop":
             delta = adapters_loop(u_in, self.experts, weights, indices)
         else:
             delta = adapters_dense_masked(u_in, self.experts, weights, indices, self.scale, fused)
-        record_routing(self, indices, counts, token_mask)
         return (u + delta).view(shape), aux
 
 
@@ -237,29 +235,24 @@ class SparseUpcycledMoE(nn.Module):
         shape = h.shape
         h = h.reshape(-1, shape[-1])                                    # (N, d)
         logits = self.router(h)                                         # (N, E) fp32
-        weights, indices, probs, counts = route(logits, self.top_k)
-        aux = aux_loss(self, logits, probs, indices, token_mask)
+        weights, indices, aux = route_with_aux_loss(self, logits, token_mask)
         y = adapters_loop(h, self.experts, weights, indices)            # the same loop, FFN experts
-        record_routing(self, indices, counts, token_mask)
         return y.view(shape), aux
 
 
-def aux_loss(layer, logits, probs, indices, token_mask):
-    """alpha * Eq. 10 (+ the optional z-loss), over the real tokens."""
+def route_with_aux_loss(layer, logits, token_mask, fused=False):
+    """The routing step both MoE layers share: Eq. 9 (route, or its fused kernel), then alpha * Eq. 10
+    (+ the optional z-loss) over the real tokens, and the routing kept for logging (last_counts,
+    last_indices). Returns (weights, indices, aux_loss)."""
+    weights, indices, probs, counts = (route_cuda if fused else route)(logits, layer.top_k)
     mask = None if token_mask is None else token_mask.reshape(-1)
-    aux = layer.aux_loss_coef * balance_loss(probs, indices, mask)
+    if mask is not None:  # padding counts neither in Eq. 10 nor in the logged load
+        counts = assignment_counts(indices, layer.n_experts, mask)
+    aux = layer.aux_loss_coef * balance_loss(probs, counts, mask)
     if layer.z_loss_coef > 0:
         aux = aux + layer.z_loss_coef * router_z_loss(logits, mask)
-    return aux
-
-
-@torch.no_grad()
-def record_routing(layer, indices, counts, token_mask):
-    """Keeps the last forward's routing for logging; counts over real tokens only."""
-    if token_mask is not None:
-        counts = assignment_shares(indices, layer.n_experts, token_mask.reshape(-1))[1].long()
-    layer.last_counts = counts.detach()
-    layer.last_indices = indices.detach()
+    layer.last_counts, layer.last_indices = counts.detach(), indices.detach()
+    return weights, indices, aux
 
 
 # -----------------------------------------------------------------------------

@@ -17,7 +17,7 @@ import torch
 
 from data.instruct import format_prompt
 from data.pydocs import get_tokenizer
-from train import build_model, parse_config, read_checkpoint
+from train import build_model, parse_config, read_checkpoint, settings
 
 ckpt = "out/ckpt.pt"
 prompt = ""                  # the instruction; the template is applied unless raw=True
@@ -31,8 +31,7 @@ top_k = 200
 seed = 1337
 show_experts = False
 device = "cuda" if torch.cuda.is_available() else "cpu"
-CONFIG_KEYS = ["ckpt", "prompt", "prompt_file", "input", "raw", "num_samples", "max_new_tokens",
-               "temperature", "top_k", "seed", "show_experts", "device"]
+DEFAULTS = settings(globals())
 
 
 def expert_table(model, enc, idx, n_prompt):
@@ -48,7 +47,7 @@ def expert_table(model, enc, idx, n_prompt):
 
 
 def main(argv):
-    cfg = parse_config(argv, {k: globals()[k] for k in CONFIG_KEYS})
+    cfg = parse_config(argv, DEFAULTS)
     if cfg["prompt_file"]:
         if not os.path.isfile(cfg["prompt_file"]):
             raise FileNotFoundError(f"prompt_file {cfg['prompt_file']} does not exist")

@@ -97,8 +97,14 @@ compile = False                 # torch.compile the model (the uncompiled module
 backend = "nccl" if torch.cuda.is_available() else "gloo"  # DDP backend under torchrun
 peak_flops = 989e12             # for MFU: H100/H200 dense bf16
 # -----------------------------------------------------------------------------
-CONFIG_KEYS = [k for k, v in globals().items() if not k.startswith("_") and k.isidentifier()
-               and k.islower() and isinstance(v, (int, float, bool, str))]
+
+def settings(scope):
+    """A script's settings: its lowercase module globals of plain types (train.py's above, sample.py's)."""
+    return {k: v for k, v in scope.items()
+            if k.islower() and not k.startswith("_") and isinstance(v, (int, float, bool, str))}
+
+
+DEFAULTS = settings(globals())   # the config above, before anything else is defined
 METHODS = ("pesc", "sparse", "adapter", "dense")
 
 
@@ -465,7 +471,7 @@ def all_reduce_sum(t):
 # -----------------------------------------------------------------------------
 
 def main(argv):
-    cfg = parse_config(argv, {k: globals()[k] for k in CONFIG_KEYS})
+    cfg = parse_config(argv, DEFAULTS)
     if cfg["method"] not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {cfg['method']!r}")
     for key in ("max_iters", "batch_size", "gradient_accumulation_steps", "eval_interval", "pretrain_iters"):
@@ -583,15 +589,15 @@ def main(argv):
             tokens = 0
             for micro in range(local_accum):
                 global_micro = step * accum + rank * local_accum + micro  # the same batches for any world size
-                idx, targets, mask = (t.to(device) for t in
-                                      tune_batch(train_enc, global_micro, cfg["batch_size"], cfg["seed"], pad_id))
+                batch = tune_batch(train_enc, global_micro, cfg["batch_size"], cfg["seed"], pad_id)
+                tokens += int(batch[2].sum())  # counted on the host copy: no GPU sync per micro-step
+                idx, targets, mask = (t.to(device) for t in batch)
                 if world > 1:
                     model.require_backward_grad_sync = micro == local_accum - 1  # all-reduce once per step
                 with ctx:
                     _, loss = model(idx, targets, mask)
                 (loss / local_accum).backward()  # DDP averages over ranks: together a mean over all micro-steps
                 step_loss += loss.detach() / accum
-                tokens += int(mask.sum())
                 layer_counts = [layer.last_counts.float() for layer in raw_model.moe_layers()]
                 if layer_counts:
                     train_counts = torch.stack(layer_counts) + (0 if train_counts is None else train_counts)

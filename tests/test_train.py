@@ -69,7 +69,7 @@ def test_every_method_trains(tuned, method):
 # -----------------------------------------------------------------------------
 # config
 
-DEFAULTS = {k: getattr(train, k) for k in train.CONFIG_KEYS}
+DEFAULTS = train.DEFAULTS
 
 
 def test_config_flags_are_typed():
