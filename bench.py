@@ -12,6 +12,12 @@ CPU, a few minutes:
 GPU (H100/H200; builds kernels.cu first if needed):
     python bench.py --out out/bench_gpu.json
 
+--train_step times whole training steps instead (forward, backward, gradient clipping, AdamW) of every
+model in the comparison (config/compare/common.py + config/compare/<method>.py, random base weights,
+real batches of the embedded instruction set), one step of each in turn so that a busy moment of the
+machine slows all of them alike, and reports each as a ratio to the one-adapter baseline:
+    python bench.py --train_step --runs 30
+
 As in training: the FFN is frozen but in the layer (it is part of the cost), only the adapters and the
 router get gradients, the input requires grad (earlier layers train LoRA), bf16 autocast on the GPU
 with the router in fp32 (--dtype). "balanced" spreads the tokens over the experts; "skewed" biases the
@@ -29,6 +35,7 @@ import time
 from contextlib import nullcontext
 
 import torch
+from tqdm import tqdm
 
 import moe
 from model import MLP, GPTConfig
@@ -58,6 +65,8 @@ def parse_args():
     ap.add_argument("--paths", default=",".join(PATHS), help="which paths to run")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="write the results to this JSON file")
+    ap.add_argument("--train_step", action="store_true",
+                    help="time training steps of the comparison's models instead (see above)")
     args = ap.parse_args()
     args.n = [int(x) for x in args.n.split(",")]
     args.experts = [int(x) for x in args.experts.split(",")]
@@ -137,6 +146,8 @@ def routings(layer, d, seed, device):
 
 def main():
     args = parse_args()
+    if args.train_step:
+        return train_step_bench(args)
     device = torch.device(args.device)
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if args.dtype == "bf16" else nullcontext())
     paths = [p for p in args.paths if p != "dense-compile" or args.compile]
@@ -195,6 +206,77 @@ def main():
     print(markdown(rows, paths, device))
     if args.out:
         print(f"\nwrote {args.out}")
+
+
+# -----------------------------------------------------------------------------
+# whole training steps of the comparison's models, interleaved
+
+STEP_TARGET = 1.3   # PESC E=8 step time at most 1.3x the one-adapter baseline's (issue: the comparison)
+
+
+def train_step_bench(args):
+    from compare import LABELS, RUNS
+    from data.instruct import encode_dataset, make_instruction_set
+    from data.pydocs import BYTE_VOCAB_SIZE, byte_tokenizer
+    from model import GPT
+    from train import DEFAULTS, apply_method, make_optimizer, parse_config, tune_batch
+
+    device = torch.device(args.device)
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if args.dtype == "bf16" else nullcontext())
+    configs = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config", "compare")
+    cfgs = {name: parse_config([os.path.join(configs, "common.py"), os.path.join(configs, f"{name}.py")], DEFAULTS)
+            for name in RUNS}
+    cfg = cfgs["adapter"]
+    enc = byte_tokenizer()
+    data = make_instruction_set(seed=cfg["data_seed"], n_train=cfg["n_train"], n_val=cfg["n_val"])
+    train_enc = encode_dataset(enc, data["train"], cfg["block_size"], enc.eot_token)
+    models = {}
+    for name, c in cfgs.items():
+        torch.manual_seed(args.seed)   # the same random base for every method
+        model = GPT(GPTConfig(block_size=c["block_size"], vocab_size=BYTE_VOCAB_SIZE, n_layer=c["n_layer"],
+                              n_head=c["n_head"], n_embd=c["n_embd"], bias=c["bias"])).requires_grad_(False)
+        model = apply_method(model, c, verbose=False).to(device)
+        models[name] = (model, make_optimizer(model, c["learning_rate"], c["weight_decay"], device.type))
+
+    def step(name, batch):
+        model, optimizer = models[name]
+        idx, targets, mask = (t.to(device) for t in batch)
+        with autocast:
+            _, loss = model(idx, targets, mask)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg["grad_clip"])
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    times = {name: [] for name in models}
+    n_tokens = []
+    for i in tqdm(range(args.warmup + args.runs), desc="training steps, every model in turn"):
+        batch = tune_batch(train_enc, i, cfg["batch_size"], args.seed, enc.eot_token)   # one batch for all
+        n_tokens.append(batch[0].numel())
+        for name in models:
+            t0 = time.perf_counter()
+            step(name, batch)
+            if i >= args.warmup:
+                times[name].append(time.perf_counter() - t0)
+    base = statistics.median(times["adapter"])
+    rows = {name: dict(step_ms=1e3 * statistics.median(ts), vs_adapter=statistics.median(ts) / base)
+            for name, ts in times.items()}
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"\ndevice {name}, torch {torch.__version__}, dtype {args.dtype}, {torch.get_num_threads()} threads; "
+          f"median of {args.runs} steps after {args.warmup} warm-up, batch {cfg['batch_size']} x "
+          f"~{statistics.mean(n_tokens) / cfg['batch_size']:.0f} tokens, adapters r = {cfg['adapter_dim']}")
+    print("| method | step ms | vs adapter |\n|---|---|---|")
+    for run, row in rows.items():
+        print(f"| {LABELS[run]} | {row['step_ms']:.1f} | {row['vs_adapter']:.2f}x |")
+    ratio = rows["pesc8"]["vs_adapter"]
+    print(f"\ntarget: PESC E=8 step / adapter baseline = {ratio:.2f} (<= {STEP_TARGET}): "
+          + ("met" if ratio <= STEP_TARGET else "MISSED"))
+    if args.out:
+        write_json(args.out, dict(meta=dict(device=name, torch=torch.__version__, dtype=args.dtype, runs=args.runs,
+                                            warmup=args.warmup, threads=torch.get_num_threads()), rows=rows))
+        print(f"wrote {args.out}")
 
 
 def write_json(path, results):

@@ -148,9 +148,9 @@ def gate_gelu_mask_reference(p, indices, weights, n_experts, scale):
     s * g_e * GELU(p) in each selected expert's r-block, zeros elsewhere. This is the PyTorch
     reference of the fused gate-GELU-mask kernel."""
     N = p.size(0)
-    gates = expert_gates(indices, weights, n_experts).to(p.dtype)        # (N, E)
-    a = F.gelu(p).view(N, n_experts, -1) * gates[:, :, None]            # (N, E, r)
-    return (scale * a).view(N, -1)
+    gates = (scale * expert_gates(indices, weights, n_experts)).to(p.dtype)  # (N, E): s folded in, one op fewer on (N, E*r)
+    a = F.gelu(p).view(N, n_experts, -1) * gates[:, :, None]                # (N, E, r)
+    return a.view(N, -1)
 
 
 def adapters_dense_masked(u, experts, weights, indices, scale, fused=False):

@@ -25,6 +25,7 @@ import json
 import math
 import os
 import random
+import statistics
 import sys
 import time
 from contextlib import nullcontext
@@ -303,7 +304,8 @@ def make_optimizer(model, lr, weight_decay, device_type):
         if p.requires_grad:
             (decay if p.dim() >= 2 and ".router." not in name else no_decay).append(p)
     groups = [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=device_type == "cuda")
+    # fused: one kernel over all tensors instead of a loop over them (PESC has many small ones); CPU too since torch 2.4
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=device_type in ("cuda", "cpu"))
 
 
 # -----------------------------------------------------------------------------
@@ -446,6 +448,20 @@ def load_base(cfg, device, ctx, master):
     return build_model(ckpt, path), ckpt.get("tokenizer", "bytes"), base_reference(path, "train.py")
 
 
+def apply_method(model, cfg, verbose=True):
+    """Turns the dense base into what cfg["method"] tunes, in place: all of it (dense), or PESC / sparse
+    upcycling / the one-adapter baseline (PESC with one expert, top-1) with only the new parts trainable."""
+    if cfg["method"] == "dense":
+        return model.requires_grad_(True)
+    single = cfg["method"] == "adapter"
+    return upcycle(model, method="sparse" if cfg["method"] == "sparse" else "pesc",
+                   n_experts=1 if single else cfg["n_experts"], top_k=1 if single else cfg["top_k"],
+                   adapter_dim=cfg["adapter_dim"], adapter_scale=cfg["adapter_scale"],
+                   adapter_dropout=cfg["adapter_dropout"], layers=cfg["layers"], lora_rank=cfg["lora_rank"],
+                   lora_alpha=cfg["lora_alpha"], aux_loss_coef=cfg["aux_loss_coef"], z_loss_coef=cfg["z_loss_coef"],
+                   router_jitter=cfg["router_jitter"], dispatch=cfg["dispatch"], verbose=verbose)
+
+
 def setup_ddp(cfg):
     """Under torchrun (RANK is set) start the process group as nanoGPT does. Returns (rank, world, device)."""
     if int(os.environ.get("RANK", -1)) == -1:
@@ -507,16 +523,7 @@ def main(argv):
     else:
         model, tok_name, base_ref = load_base(cfg, device, ctx, master)
         torch.manual_seed(cfg["seed"])  # routers and adapters do not depend on how the base was made
-        if cfg["method"] == "dense":
-            model.requires_grad_(True)
-        else:
-            single = cfg["method"] == "adapter"  # the dense baseline: PESC with one expert, top-1
-            upcycle(model, method="sparse" if cfg["method"] == "sparse" else "pesc",
-                    n_experts=1 if single else cfg["n_experts"], top_k=1 if single else cfg["top_k"],
-                    adapter_dim=cfg["adapter_dim"], adapter_scale=cfg["adapter_scale"],
-                    adapter_dropout=cfg["adapter_dropout"], layers=cfg["layers"], lora_rank=cfg["lora_rank"],
-                    lora_alpha=cfg["lora_alpha"], aux_loss_coef=cfg["aux_loss_coef"], z_loss_coef=cfg["z_loss_coef"],
-                    router_jitter=cfg["router_jitter"], dispatch=cfg["dispatch"], verbose=master)
+        apply_method(model, cfg, verbose=master)
     torch.manual_seed(cfg["seed"] + rank)  # per-rank seed: dropout differs across ranks, data order does not
     model.to(device)
     try:
@@ -669,7 +676,7 @@ def main(argv):
     say(f"total wall time {time.time() - t_start:.0f} s; checkpoint {ckpt_path}, log {log_path}")
     steady = step_times[len(step_times) // 10:] or step_times  # skip warm-up steps
     result = dict(method=cfg["method"], seed=cfg["seed"], before=before, after=after, val_loss=row["val_loss"],
-                  counts=counts, step_time_s=sum(steady) / max(len(steady), 1),
+                  counts=counts, step_time_s=statistics.median(steady) if steady else 0.0,  # median: robust to a busy moment
                   checkpoint_bytes=os.path.getsize(ckpt_path), peak_memory_bytes=peak_memory(device_type))
     with open(os.path.join(cfg["out_dir"], "result.json"), "w") as f:
         json.dump(result, f, indent=1)

@@ -196,3 +196,18 @@ def test_training_on_a_user_file(tuned, tmp_path):
 def test_missing_dataset_file_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="dataset file .*nope.json does not exist"):
         train.main(TINY + [f"--out_dir={tmp_path}", f"--dataset={tmp_path}/nope.json"])
+
+
+def test_bench_train_step_times_every_comparison_model(tmp_path):
+    """bench.py --train_step runs one interleaved step of every model in config/compare and reports
+    each as a ratio to the one-adapter baseline (1.0 for the baseline itself)."""
+    from compare import RUNS
+    out = tmp_path / "steps.json"
+    r = subprocess.run([sys.executable, "bench.py", "--train_step", "--runs", "1", "--warmup", "0", "--out", str(out)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert list(rows) == RUNS
+    assert rows["adapter"]["vs_adapter"] == 1.0
+    assert all(row["step_ms"] > 0 for row in rows.values())
+    assert "target: PESC E=8 step / adapter baseline" in r.stdout
