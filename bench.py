@@ -144,17 +144,22 @@ def routings(layer, d, seed, device):
     return mu.to(device), {"balanced": w.to(device), "skewed": skewed.to(device)}
 
 
+def device_setup(args):
+    """(device, the autocast context for --dtype, the device's name for the report)."""
+    device = torch.device(args.device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.dtype == "bf16" else nullcontext()
+    return device, autocast, (torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu")
+
+
 def main():
     args = parse_args()
     if args.train_step:
         return train_step_bench(args)
-    device = torch.device(args.device)
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if args.dtype == "bf16" else nullcontext())
+    device, autocast, name = device_setup(args)
     paths = [p for p in args.paths if p != "dense-compile" or args.compile]
     if "kernel" in paths and not (device.type == "cuda" and moe.kernels_available()):
         print("kernel path skipped: it needs a GPU and a built kernels.cu")
         paths.remove("kernel")
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"device {name}, torch {torch.__version__}, dtype {args.dtype}, d={args.d}, r={args.r}, "
           f"k={args.top_k}, median of {args.runs} runs after {args.warmup} warm-up, paths: {', '.join(paths)}")
 
@@ -200,7 +205,7 @@ def main():
                     write_json(args.out, dict(meta=meta, rows=rows))
                 print(f"  E={n_experts} {routing} N={N}: " + ", ".join(
                     f"{p} {row[p]['fwd_ms']:.3f}/{row[p]['fwd_bwd_ms']:.3f} ms" for p in paths), flush=True)
-        layer.dispatch, moe.USE_KERNELS = "dense", True
+        moe.USE_KERNELS = True
 
     print()
     print(markdown(rows, paths, device))
@@ -211,18 +216,14 @@ def main():
 # -----------------------------------------------------------------------------
 # whole training steps of the comparison's models, interleaved
 
-STEP_TARGET = 1.3   # PESC E=8 step time at most 1.3x the one-adapter baseline's (issue: the comparison)
-
-
 def train_step_bench(args):
-    from compare import LABELS, RUNS
+    from compare import LABELS, RUNS, STEP_TARGET
     from data.instruct import encode_dataset, make_instruction_set
     from data.pydocs import BYTE_VOCAB_SIZE, byte_tokenizer
     from model import GPT
     from train import DEFAULTS, apply_method, make_optimizer, parse_config, tune_batch
 
-    device = torch.device(args.device)
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if args.dtype == "bf16" else nullcontext())
+    device, autocast, device_name = device_setup(args)
     configs = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config", "compare")
     cfgs = {name: parse_config([os.path.join(configs, "common.py"), os.path.join(configs, f"{name}.py")], DEFAULTS)
             for name in RUNS}
@@ -263,8 +264,7 @@ def train_step_bench(args):
     base = statistics.median(times["adapter"])
     rows = {name: dict(step_ms=1e3 * statistics.median(ts), vs_adapter=statistics.median(ts) / base)
             for name, ts in times.items()}
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    print(f"\ndevice {name}, torch {torch.__version__}, dtype {args.dtype}, {torch.get_num_threads()} threads; "
+    print(f"\ndevice {device_name}, torch {torch.__version__}, dtype {args.dtype}, {torch.get_num_threads()} threads; "
           f"median of {args.runs} steps after {args.warmup} warm-up, batch {cfg['batch_size']} x "
           f"~{statistics.mean(n_tokens) / cfg['batch_size']:.0f} tokens, adapters r = {cfg['adapter_dim']}")
     print("| method | step ms | vs adapter |\n|---|---|---|")
@@ -274,7 +274,7 @@ def train_step_bench(args):
     print(f"\ntarget: PESC E=8 step / adapter baseline = {ratio:.2f} (<= {STEP_TARGET}): "
           + ("met" if ratio <= STEP_TARGET else "MISSED"))
     if args.out:
-        write_json(args.out, dict(meta=dict(device=name, torch=torch.__version__, dtype=args.dtype, runs=args.runs,
+        write_json(args.out, dict(meta=dict(device=device_name, torch=torch.__version__, dtype=args.dtype, runs=args.runs,
                                             warmup=args.warmup, threads=torch.get_num_threads()), rows=rows))
         print(f"wrote {args.out}")
 
@@ -287,8 +287,6 @@ def write_json(path, results):
 
 
 def speedup(row, slow, fast, key):
-    if slow not in row or fast not in row:
-        return None
     return row[slow][key] / row[fast][key]
 
 

@@ -47,6 +47,16 @@ def at_least_fp32(x):
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
+def assignment_counts(indices, n_experts, token_mask=None):
+    """(E,) int64: how many (token, slot) assignments each expert got, over real tokens only
+    (token_mask (N,) bool, False for padding). route() counts without a mask."""
+    ones = torch.ones_like(indices)
+    if token_mask is not None:
+        ones = ones * token_mask.reshape(-1, 1).long()
+    counts = torch.zeros(n_experts, dtype=torch.long, device=indices.device)
+    return counts.scatter_add_(0, indices.reshape(-1), ones.reshape(-1))
+
+
 def route(router_logits, top_k):
     """router_logits (N, E) -> (weights (N, k) fp32, indices (N, k) int64,
     probs (N, E) fp32 full softmax, counts (E,) int64 assignments per expert).
@@ -55,9 +65,7 @@ def route(router_logits, top_k):
     probs = F.softmax(logits, dim=-1)                            # P in Eq. 10
     top_logits, indices = torch.topk(logits, top_k, dim=-1)      # (N, k)
     weights = F.softmax(top_logits, dim=-1)                      # Eq. 9: softmax over the kept logits
-    counts = torch.zeros(logits.size(-1), dtype=torch.long, device=logits.device)
-    counts.scatter_add_(0, indices.reshape(-1), torch.ones_like(indices.reshape(-1)))
-    return weights, indices, probs, counts
+    return weights, indices, probs, assignment_counts(indices, logits.size(-1))
 
 
 class TopKRouter(nn.Module):
@@ -80,16 +88,6 @@ class TopKRouter(nn.Module):
             if self.training and self.jitter > 0:
                 h = h * torch.empty_like(h).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
             return F.linear(h, self.gate.weight.to(h.dtype))
-
-
-def assignment_counts(indices, n_experts, token_mask=None):
-    """(E,) int64: how many (token, slot) assignments each expert got, over real tokens only
-    (token_mask (N,) bool, False for padding). Without a mask this is route()'s counts."""
-    ones = torch.ones_like(indices)
-    if token_mask is not None:
-        ones = ones * token_mask.reshape(-1, 1).long()
-    counts = torch.zeros(n_experts, dtype=torch.long, device=indices.device)
-    return counts.scatter_add_(0, indices.reshape(-1), ones.reshape(-1))
 
 
 def balance_loss(probs, counts, token_mask=None):

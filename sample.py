@@ -15,9 +15,8 @@ import sys
 
 import torch
 
-from data.instruct import format_prompt
-from data.pydocs import get_tokenizer
-from train import build_model, parse_config, read_checkpoint, settings
+from data.instruct import decode_response, format_prompt
+from train import build_model, load_tokenizer, parse_config, read_checkpoint, settings
 
 ckpt = "out/ckpt.pt"
 prompt = ""                  # the instruction; the template is applied unless raw=True
@@ -39,7 +38,7 @@ def expert_table(model, enc, idx, n_prompt):
     model(idx[:, -model.config.block_size:])
     offset = max(0, idx.size(1) - model.config.block_size)
     T = idx.size(1) - offset
-    per_layer = [layer.last_indices.view(1, T, -1)[0].tolist() for layer in model.moe_layers()]  # (T, k) each
+    per_layer = [layer.last_indices.view(T, -1).tolist() for layer in model.moe_layers()]  # (T, k) each
     rows = []
     for t in range(max(n_prompt, offset), idx.size(1)):
         rows.append((enc.decode([idx[0, t].item()]), [choices[t - offset] for choices in per_layer]))
@@ -59,7 +58,7 @@ def main(argv):
         raise ValueError("need temperature >= 0 and positive max_new_tokens, top_k, num_samples")
     checkpoint = read_checkpoint(cfg["ckpt"])
     model = build_model(checkpoint, cfg["ckpt"]).to(cfg["device"]).eval()
-    enc = get_tokenizer(checkpoint.get("tokenizer", "bytes"))
+    enc = load_tokenizer(checkpoint.get("tokenizer", "bytes"))
     if cfg["show_experts"] and not model.moe_layers():
         raise ValueError(f"{cfg['ckpt']} is a dense model: it has no experts to show")
     text = cfg["prompt"] if cfg["raw"] else format_prompt(cfg["prompt"], cfg["input"])
@@ -71,8 +70,7 @@ def main(argv):
         for _ in range(cfg["num_samples"]):
             out = model.generate(idx, cfg["max_new_tokens"], temperature=cfg["temperature"], top_k=cfg["top_k"],
                                  eos_id=enc.eot_token, n_vocab=enc.n_vocab)
-            new = out[0, len(ids):].tolist()
-            answer = enc.decode(new[:new.index(enc.eot_token)] if enc.eot_token in new else new)
+            answer = decode_response(enc, out[0, len(ids):].tolist())
             outputs.append(answer)
             print(text + answer)
             if cfg["show_experts"]:

@@ -20,6 +20,7 @@ Stages (each prints a progress bar):
 """
 
 import ast
+import functools
 import hashlib
 import json
 import math
@@ -36,7 +37,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from data.instruct import FAMILIES, collate, encode_dataset, format_prompt, load_instruction_file, make_instruction_set
+from data.instruct import (FAMILIES, collate, decode_response, encode_dataset, format_prompt, load_instruction_file,
+                           make_instruction_set)
 from data.pydocs import BYTE_VOCAB_SIZE, encode_corpus, get_tokenizer, load_pydocs_documents, train_val_split
 from model import GPT, GPT2_SIZES, GPTConfig, gpt2_weights_file
 from upcycle import count_params, upcycle
@@ -278,15 +280,9 @@ def tune_batch(encoded, step, batch_size, seed, pad_id):
     return collate(rows, pad_id)
 
 
-_perm_cache = {}
-
-
+@functools.lru_cache(maxsize=1)  # one epoch's order at a time; callers only read it
 def epoch_permutation(n, seed, epoch):
-    key = (n, seed, epoch)
-    if key not in _perm_cache:
-        _perm_cache.clear()
-        _perm_cache[key] = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 7919 * epoch)).tolist()
-    return _perm_cache[key]
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed + 7919 * epoch)).tolist()
 
 
 def lr_at(step, total, peak, warmup_frac, min_ratio):
@@ -311,6 +307,15 @@ def make_optimizer(model, lr, weight_decay, device_type):
 # -----------------------------------------------------------------------------
 # evaluation
 
+def add_routing_counts(total, model):
+    """total + the (n_moe_layers, E) expert counts of the model's last forward; None for a dense model."""
+    layers = model.moe_layers()
+    if not layers:
+        return total
+    counts = torch.stack([layer.last_counts.float() for layer in layers])
+    return counts if total is None else total + counts
+
+
 @torch.no_grad()
 def response_loss(model, encoded, batch_size, pad_id, device, ctx):
     """Mean cross-entropy per response token over a split, and the summed expert counts."""
@@ -325,10 +330,7 @@ def response_loss(model, encoded, batch_size, pad_id, device, ctx):
         ce = torch.nn.functional.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1),
                                                ignore_index=-1, reduction="sum")
         total, count = total + float(ce), count + n
-        layer_counts = [layer.last_counts.float().cpu() for layer in model.moe_layers()]
-        if layer_counts:
-            stacked = torch.stack(layer_counts)
-            expert_counts = stacked if expert_counts is None else expert_counts + stacked
+        expert_counts = add_routing_counts(expert_counts, model)
     model.train()
     return total / max(count, 1), expert_counts
 
@@ -351,8 +353,7 @@ def greedy_answers(model, enc, examples, max_new_tokens, device, ctx, desc="gene
             with ctx:
                 out = model.generate(idx, max_new_tokens, temperature=0, eos_id=eot, n_vocab=enc.n_vocab)
             for row, i in zip(out[:, length:].tolist(), chunk):
-                row = row[:row.index(eot)] if eot in row else row
-                answers[i] = enc.decode(row)
+                answers[i] = decode_response(enc, row)
     model.train()
     return answers
 
@@ -413,6 +414,15 @@ def pretrain_base(cfg, enc, device, ctx):
     print(f"base: held-out docs loss {val:.3f} nats/byte")
     save_checkpoint(cfg["base_ckpt"], make_checkpoint(model.cpu(), None, dict(tokenizer="bytes", val_loss=val)))
     print(f"saved the base to {cfg['base_ckpt']}")
+
+
+def load_tokenizer(name):
+    """get_tokenizer for the scripts: a tokenizer that cannot be fetched (GPT-2's BPE files, offline)
+    is a user error with a message saying what to do, not a traceback."""
+    try:
+        return get_tokenizer(name)
+    except RuntimeError as e:
+        raise ValueError(str(e)) from None
 
 
 def is_hf_gpt2(init):
@@ -526,10 +536,7 @@ def main(argv):
         apply_method(model, cfg, verbose=master)
     torch.manual_seed(cfg["seed"] + rank)  # per-rank seed: dropout differs across ranks, data order does not
     model.to(device)
-    try:
-        enc = get_tokenizer(tok_name)
-    except RuntimeError as e:  # tiktoken could not fetch the GPT-2 BPE files (offline)
-        raise ValueError(str(e)) from None
+    enc = load_tokenizer(tok_name)
     pad_id = eot_id = enc.eot_token
     counts = count_params(model)
 
@@ -605,9 +612,7 @@ def main(argv):
                     _, loss = model(idx, targets, mask)
                 (loss / local_accum).backward()  # DDP averages over ranks: together a mean over all micro-steps
                 step_loss += loss.detach() / accum
-                layer_counts = [layer.last_counts.float() for layer in raw_model.moe_layers()]
-                if layer_counts:
-                    train_counts = torch.stack(layer_counts) + (0 if train_counts is None else train_counts)
+                train_counts = add_routing_counts(train_counts, raw_model)
             step_loss = float(all_reduce_sum(step_loss))
             if not math.isfinite(step_loss):
                 raise FloatingPointError(f"the loss is {step_loss} at step {step}; stopped without saving this "
@@ -625,8 +630,8 @@ def main(argv):
             if step % cfg["log_interval"] == 0:
                 postfix = dict(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
                 if device_type == "cuda":  # MFU from the *active* parameters: what a token actually touches
-                    dt = time.time() - t0
-                    postfix["mfu"] = f"{100 * 6 * counts['active'] * tokens * world / dt / cfg['peak_flops']:.1f}%"
+                    mfu = 6 * counts["active"] * tokens * world / step_times[-1] / cfg["peak_flops"]
+                    postfix["mfu"] = f"{100 * mfu:.1f}%"
                 bar.set_postfix(**postfix)
             last = step + 1 == total
             if (step + 1) % cfg["eval_interval"] == 0 or last:

@@ -326,6 +326,11 @@ def encode_example(enc, ex, block_size, eot_id):
     return ids, targets
 
 
+def decode_response(enc, ids):
+    """Generated token ids -> the response text: everything before the first EOT."""
+    return enc.decode(ids[:ids.index(enc.eot_token)] if enc.eot_token in ids else ids)
+
+
 def encode_dataset(enc, examples, block_size, eot_id):
     """Encode every example, dropping those truncated to no response at all."""
     if not examples:

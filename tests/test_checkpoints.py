@@ -42,8 +42,7 @@ def test_resume_is_exact(tmp_path, base):
     """8 steps straight == 4 steps, stop, resume, 4 more: same losses and same weights (CPU, bitwise)."""
     straight = run(tmp_path, base, "straight", "--max_iters=8", "--eval_interval=4")
     half = run(tmp_path, base, "half", "--max_iters=4", "--lr_decay_iters=8", "--eval_interval=4")
-    train.main(TINY + [f"--out_dir={half}", f"--base_ckpt={base}", "--init_from=resume", "--max_iters=8",
-                       "--eval_interval=4"])
+    run(tmp_path, base, "half", "--init_from=resume", "--max_iters=8", "--eval_interval=4")
     a, b = read_log(straight), read_log(half)
     assert [r["step"] for r in a] == [r["step"] for r in b] == [0, 4, 8]
     for ra, rb in zip(a, b):
@@ -142,8 +141,7 @@ def test_ctrl_c_saves_a_checkpoint_that_resumes(tmp_path, base, monkeypatch):
     out = run(tmp_path, base, "ctrl_c", "--max_iters=6", "--eval_interval=6")
     assert train.read_checkpoint(f"{out}/ckpt.pt")["iter_num"] == 3
     monkeypatch.undo()
-    train.main(TINY + [f"--out_dir={out}", f"--base_ckpt={base}", "--init_from=resume", "--max_iters=6",
-                       "--eval_interval=6"])
+    run(tmp_path, base, "ctrl_c", "--init_from=resume", "--max_iters=6", "--eval_interval=6")
     assert read_log(out)[-1]["step"] == 6
 
 

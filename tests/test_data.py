@@ -277,3 +277,15 @@ def test_empty_files_have_no_records(tmp_path, name, text):
 def test_unknown_extension(tmp_path):
     with pytest.raises(ValueError, match=r"\.json.*\.jsonl"):
         load_instruction_file(write(tmp_path, "data.csv", "a,b\n"))
+
+
+def test_scripts_turn_an_unfetchable_tokenizer_into_a_user_error(monkeypatch):
+    """train.py and sample.py both load tokenizers through train.load_tokenizer: offline, GPT-2's BPE
+    files are a ValueError with the same advice (printed as 'error: ...'), not a traceback."""
+    import train
+
+    def offline(name):
+        raise ConnectionError("no network")
+    monkeypatch.setattr("tiktoken.get_encoding", offline)
+    with pytest.raises(ValueError, match="GPT-2 BPE files.*TIKTOKEN_CACHE_DIR"):
+        train.load_tokenizer("gpt2")
