@@ -1,30 +1,30 @@
 """
-Benchmark of one PESC MoE layer (moe.PESCMoE around GPT-2's FFN, d = 768, r = 64, k = 2): forward and
-forward+backward of each way to run it, over token counts N, expert counts E and two routings.
+Benchmarks, each measured in one run with the candidates interleaved (a busy moment of the machine
+slows all of them alike), reported as medians and ratios.
 
-  loop            dispatch="loop": gather / run / index_add per expert (Mixtral style, the official code)
-  dense           dispatch="dense" in PyTorch ops, eager (moe.USE_KERNELS = False)
-  dense-compile   the same under torch.compile (--compile; on by default on a GPU)
-  kernel          dispatch="dense" with the fused router and gate-GELU-mask kernels of kernels.cu (GPU)
+  python bench.py                      the MoE layer alone: loop / masked / grouped / kernels (GPU) /
+                                       masked under torch.compile (--compile), forward and forward+backward,
+                                       over token counts N, expert counts E, balanced and skewed routing
+  python bench.py --train_step         whole training steps (forward, backward, clipping, AdamW) of the
+                                       one-adapter baseline, PESC E=4/8/16 (k=2), sparse upcycling E=8 and a
+                                       full fine-tune, on real batches of the embedded instruction set
+  python bench.py --memory             a GPT-2-124M-shaped PESC training step with the base in fp32 or
+                                       4-bit NF4, with and without gradient checkpointing: peak memory
+                                       (RSS on a CPU) and step time, each setting in its own process
 
-CPU, a few minutes:
-    python bench.py --n 128,512,2048 --runs 10 --out out/bench_cpu.json
+CPU, a few minutes each:
+    python bench.py --n 512,2048,8192 --d 256 --r 64 --runs 10
+    python bench.py --train_step --d 256 --r 64 --runs 20
+    python bench.py --train_step --d 768 --r 64 --layers 2 --runs 10
+    python bench.py --memory --runs 3
 GPU (H100/H200; builds kernels.cu first if needed):
     python bench.py --out out/bench_gpu.json
 
---train_step times whole training steps instead (forward, backward, gradient clipping, AdamW) of every
-model in the comparison (config/compare/common.py + config/compare/<method>.py, random base weights,
-real batches of the embedded instruction set), one step of each in turn so that a busy moment of the
-machine slows all of them alike, and reports each as a ratio to the one-adapter baseline:
-    python bench.py --train_step --runs 30
-
-As in training: the FFN is frozen but in the layer (it is part of the cost), only the adapters and the
-router get gradients, the input requires grad (earlier layers train LoRA), bf16 autocast on the GPU
-with the router in fp32 (--dtype). "balanced" spreads the tokens over the experts; "skewed" biases the
-router so that most assignments go to experts 0 and 1 (the table shows the share the top 2 get).
+Layer: a PESC layer around a GPT-2 FFN (d -> 4d -> d, frozen), non-zero adapters, the input requiring
+grad (earlier layers train LoRA), bf16 autocast on the GPU with the router in fp32 (--dtype).
+"balanced" spreads the tokens over the experts; "skewed" sends most assignments to experts 0 and 1.
 Each time is the median of --runs calls after --warmup untimed ones: CUDA events on the GPU,
-time.perf_counter on the CPU. Memory: the peak of one forward+backward above what was allocated
-before it (torch.cuda.max_memory_allocated); n/a on the CPU.
+time.perf_counter on the CPU; the paths of one row run in turn, --runs times.
 """
 
 import argparse
@@ -38,35 +38,39 @@ import torch
 from tqdm import tqdm
 
 import moe
-from model import MLP, GPTConfig
+from model import MLP, GPT, GPTConfig
 from moe import PESCMoE
 
-PATHS = ("loop", "dense", "dense-compile", "kernel")
-# the targets of the kernel work (PESC.md, "Cost model and dispatch"), checked on the GPU only
-KERNEL_TARGET_SMALL_N, KERNEL_TARGET_SPEEDUP = 2048, 1.5   # kernel >= 1.5x dense at N <= 2048, >= 1x at any N
-DENSE_TARGET_SPEEDUP = 3.0                                 # dense >= 3x loop at every N
+PATHS = ("loop", "masked", "grouped", "kernels", "masked-compile")
+TARGETS = dict(grouped_vs_masked=1.5,     # CPU: E=8, k=2, r/d = 1/4, N >= 2048, forward + backward
+               kernels_vs_masked=1.5,     # GPU: N <= 2048, and never slower above
+               train_step_quarter=1.15,   # PESC E=8 step / one adapter at r/d = 1/4
+               train_step_twelfth=1.10,   # ... at r/d = 1/12 (d = 768, r = 64)
+               train_step_e16=1.25)       # PESC E=16 at r/d = 1/4
 
 
 def parse_args():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--n", default="128,512,2048,8192,32768", help="token counts, comma-separated")
-    ap.add_argument("--experts", default="8,16", help="expert counts E, comma-separated")
-    ap.add_argument("--routing", default="balanced,skewed", help="balanced and/or skewed")
+    ap.add_argument("--train_step", action="store_true", help="time whole training steps (see above)")
+    ap.add_argument("--memory", action="store_true", help="peak memory and step time of 4-bit / checkpointing")
+    ap.add_argument("--n", default="512,2048,8192", help="layer: token counts, comma-separated")
+    ap.add_argument("--experts", default="8,16", help="layer: expert counts E, comma-separated")
+    ap.add_argument("--routing", default="balanced,skewed", help="layer: balanced and/or skewed")
     ap.add_argument("--top_k", type=int, default=2)
     ap.add_argument("--r", type=int, default=64, help="adapter bottleneck")
-    ap.add_argument("--d", type=int, default=768, help="model width")
-    ap.add_argument("--runs", type=int, default=50, help="timed calls per measurement (median)")
+    ap.add_argument("--d", type=int, default=256, help="model width")
+    ap.add_argument("--layers", type=int, default=4, help="train_step: transformer blocks")
+    ap.add_argument("--batch", type=int, default=32, help="train_step: sequences per step")
+    ap.add_argument("--runs", type=int, default=20, help="timed calls per measurement (median)")
     ap.add_argument("--warmup", type=int, default=None, help="untimed calls first (default: 10 on GPU, 2 on CPU)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", choices=("bf16", "fp32"), default=None,
                     help="bf16 = autocast, router in fp32 (default on GPU); fp32 (default on CPU)")
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                    help="also time the dense path under torch.compile (default: on GPU only)")
-    ap.add_argument("--paths", default=",".join(PATHS), help="which paths to run")
+                    help="layer: also time the masked path under torch.compile (default: on GPU only)")
+    ap.add_argument("--paths", default=",".join(PATHS), help="layer: which paths to run")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="write the results to this JSON file")
-    ap.add_argument("--train_step", action="store_true",
-                    help="time training steps of the comparison's models instead (see above)")
     args = ap.parse_args()
     args.n = [int(x) for x in args.n.split(",")]
     args.experts = [int(x) for x in args.experts.split(",")]
@@ -78,62 +82,75 @@ def parse_args():
     for name in args.paths:
         if name not in PATHS:
             ap.error(f"--paths: unknown path {name!r}, choose from {PATHS}")
-    args.dtype = args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")
-    args.compile = args.device.startswith("cuda") if args.compile is None else args.compile
-    args.warmup = (10 if args.device.startswith("cuda") else 2) if args.warmup is None else args.warmup
+    cuda = args.device.startswith("cuda")
+    args.dtype = args.dtype or ("bf16" if cuda else "fp32")
+    args.compile = cuda if args.compile is None else args.compile
+    args.warmup = (10 if cuda else 2) if args.warmup is None else args.warmup
     return args
 
 
-def median_ms(fn, runs, warmup, device):
-    """Median wall time of fn() in milliseconds; on a GPU measured with CUDA events around each call."""
-    for _ in range(warmup):
-        fn()
+def device_setup(args):
+    """(device, the autocast context for --dtype, the device's name for the report)."""
+    device = torch.device(args.device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.dtype == "bf16" else nullcontext()
+    return device, autocast, (torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu")
+
+
+def timed(fn, device):
+    """Wall time of one call in ms: CUDA events on a GPU, perf_counter on a CPU."""
     if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
         torch.cuda.synchronize()
-        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(runs)]
-        for start, end in events:
-            start.record()
-            fn()
-            end.record()
-        torch.cuda.synchronize()
-        times = [start.elapsed_time(end) for start, end in events]
-    else:
-        times = []
-        for _ in range(runs):
-            t0 = time.perf_counter()
-            fn()
-            times.append(1e3 * (time.perf_counter() - t0))
-    return statistics.median(times)
-
-
-def peak_mib(fn, device):
-    """Peak memory of one call above what was allocated before it, in MiB (GPU only)."""
-    if device.type != "cuda":
-        return None
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
+        return start.elapsed_time(end)
+    t0 = time.perf_counter()
     fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
+    return 1e3 * (time.perf_counter() - t0)
 
+
+def interleaved(fns, runs, warmup, device):
+    """{name: [ms, ...]}: every function once per round, `runs` rounds after `warmup` untimed ones."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(runs):
+        for name, fn in fns.items():
+            times[name].append(timed(fn, device))
+    return times
+
+
+def summary(ms):
+    """median and (min, max) of a list of times."""
+    return dict(median=statistics.median(ms), low=min(ms), high=max(ms))
+
+
+def write_json(path, results):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(results, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+# -----------------------------------------------------------------------------
+# one MoE layer
 
 def make_layer(d, n_experts, top_k, r, device, seed):
-    """A PESC layer around GPT-2's FFN (tanh GELU), frozen, with nonzero adapters."""
+    """A PESC layer around GPT-2's FFN (tanh GELU), frozen, with non-zero adapters."""
     torch.manual_seed(seed)
-    ffn = MLP(GPTConfig(n_embd=d, n_head=12 if d % 12 == 0 else 1, gelu="tanh"))
+    ffn = MLP(GPTConfig(n_embd=d, n_head=1, gelu="tanh"))
     layer = PESCMoE(ffn, d, n_experts=n_experts, top_k=top_k, adapter_dim=r).to(device)
     with torch.no_grad():
-        for expert in layer.experts:
-            expert.up.weight.normal_(0.0, 0.02)   # zero at init; nonzero as after some training
+        layer.w_up.normal_(0.0, 0.02)   # zero at init; non-zero as after some training
     return layer
 
 
 def routings(layer, d, seed, device):
-    """Router weights for each routing, for inputs h = x + mu with x ~ N(0, I) and a shared direction
-    mu (as a residual stream has). Balanced: random rows orthogonal to mu, so mu moves no logit.
-    Skewed: the same plus a component along mu on experts 0 and 1 that lifts their logits by 2, about
-    4 standard deviations of the others."""
+    """Router weights for inputs h = x + mu with x ~ N(0, I) and a shared direction mu (as a residual
+    stream has). Balanced: random rows orthogonal to mu. Skewed: the same plus a component along mu
+    on experts 0 and 1 that lifts their logits by 2, about 4 standard deviations of the others."""
     g = torch.Generator().manual_seed(seed + 1)
     mu = torch.randn(d, generator=g)
     mu_hat = mu / mu.norm()
@@ -144,188 +161,244 @@ def routings(layer, d, seed, device):
     return mu.to(device), {"balanced": w.to(device), "skewed": skewed.to(device)}
 
 
-def device_setup(args):
-    """(device, the autocast context for --dtype, the device's name for the report)."""
-    device = torch.device(args.device)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.dtype == "bf16" else nullcontext()
-    return device, autocast, (torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu")
+def usable_paths(args, device):
+    paths = [p for p in args.paths if p != "masked-compile" or args.compile]
+    if "kernels" in paths and not (device.type == "cuda" and moe.kernels.available()):
+        print("kernels path skipped: it needs a GPU and a working build of kernels.cu")
+        paths.remove("kernels")
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    if "grouped" in paths and not moe.grouped_mm_works(device, dtype):
+        print(f"grouped path skipped: torch {torch.__version__} has no grouped_mm for {device.type}/{dtype}")
+        paths.remove("grouped")
+    return paths
 
 
-def main():
-    args = parse_args()
-    if args.train_step:
-        return train_step_bench(args)
+def layer_bench(args):
     device, autocast, name = device_setup(args)
-    paths = [p for p in args.paths if p != "dense-compile" or args.compile]
-    if "kernel" in paths and not (device.type == "cuda" and moe.kernels_available()):
-        print("kernel path skipped: it needs a GPU and a built kernels.cu")
-        paths.remove("kernel")
-    print(f"device {name}, torch {torch.__version__}, dtype {args.dtype}, d={args.d}, r={args.r}, "
-          f"k={args.top_k}, median of {args.runs} runs after {args.warmup} warm-up, paths: {', '.join(paths)}")
-
-    meta = dict(device=name, torch=torch.__version__, dtype=args.dtype, d=args.d, r=args.r, top_k=args.top_k,
-                runs=args.runs, warmup=args.warmup, paths=paths)
+    paths = usable_paths(args, device)
+    print(f"device {name}, torch {torch.__version__}, dtype {args.dtype}, d={args.d}, r={args.r}, k={args.top_k}, "
+          f"{torch.get_num_threads()} threads, median of {args.runs} interleaved rounds after {args.warmup} warm-up")
     rows = []
     for n_experts in args.experts:
         layer = make_layer(args.d, n_experts, args.top_k, args.r, device, args.seed)
         # dynamic=True: one compiled graph for every N (a static one per N would cost a compile each)
-        compiled = torch.compile(layer, dynamic=True) if "dense-compile" in paths else None
+        compiled = torch.compile(layer, dynamic=True) if "masked-compile" in paths else None
         mu, router_weights = routings(layer, args.d, args.seed, device)
         for routing in args.routing:
             with torch.no_grad():
                 layer.router.gate.weight.copy_(router_weights[routing])   # in place: no recompile
             for N in args.n:
-                g = torch.Generator(device=device).manual_seed(args.seed + N)
-                h = (torch.randn(N, args.d, generator=g, device=device) + mu).requires_grad_(True)
-                grad_y = torch.randn(N, args.d, generator=g, device=device)   # dL/dy
-                grad_y = grad_y.to(torch.bfloat16 if args.dtype == "bf16" else torch.float32)   # y's dtype
-                row = dict(E=n_experts, routing=routing, N=N)
-                for path in paths:
-                    module = compiled if path == "dense-compile" else layer
-                    layer.dispatch = "loop" if path == "loop" else "dense"
-                    moe.USE_KERNELS = path == "kernel"
-
-                    def forward():
-                        with autocast:
-                            return module(h)
-
-                    def forward_backward():
-                        layer.zero_grad(set_to_none=True)
-                        h.grad = None
-                        y, aux = forward()
-                        torch.autograd.backward((y, aux), (grad_y.to(y.dtype), torch.ones_like(aux)))
-
-                    row[path] = dict(fwd_ms=median_ms(forward, args.runs, args.warmup, device),
-                                     fwd_bwd_ms=median_ms(forward_backward, args.runs, args.warmup, device),
-                                     peak_mib=peak_mib(forward_backward, device))
-                counts = layer.last_counts.float()
-                row["top2_share"] = (counts.topk(2).values.sum() / counts.sum()).item()
-                rows.append(row)
+                rows.append(layer_row(layer, compiled, paths, mu, N, n_experts, routing, args, device, autocast))
+                print("  " + ", ".join(f"{k}={v}" for k, v in rows[-1].items() if not isinstance(v, dict)) + ": " +
+                      ", ".join(f"{p} {rows[-1][p]['fwd']['median']:.2f}/{rows[-1][p]['fwd_bwd']['median']:.2f} ms"
+                                for p in paths), flush=True)
                 if args.out:   # after every row, so that a run cut short still leaves its numbers
-                    write_json(args.out, dict(meta=meta, rows=rows))
-                print(f"  E={n_experts} {routing} N={N}: " + ", ".join(
-                    f"{p} {row[p]['fwd_ms']:.3f}/{row[p]['fwd_bwd_ms']:.3f} ms" for p in paths), flush=True)
-        moe.USE_KERNELS = True
-
+                    write_json(args.out, dict(meta=dict(device=name, torch=torch.__version__, dtype=args.dtype,
+                                                        d=args.d, r=args.r, top_k=args.top_k, runs=args.runs), rows=rows))
     print()
-    print(markdown(rows, paths, device))
-    if args.out:
-        print(f"\nwrote {args.out}")
+    print(layer_table(rows, paths, device))
+
+
+def layer_row(layer, compiled, paths, mu, N, n_experts, routing, args, device, autocast):
+    g = torch.Generator(device=device).manual_seed(args.seed + N)
+    h = (torch.randn(N, args.d, generator=g, device=device) + mu).requires_grad_(True)
+    grad_y = torch.randn(N, args.d, generator=g, device=device).to(torch.bfloat16 if args.dtype == "bf16" else torch.float32)
+    fwd, fwd_bwd = {}, {}
+    for path in paths:
+        def run(path=path, backward=False):
+            layer.dispatch = path.removesuffix("-compile")
+            module = compiled if path == "masked-compile" else layer
+            with autocast:
+                y, (aux, _, _) = module(h)
+            if backward:
+                layer.zero_grad(set_to_none=True)
+                h.grad = None
+                torch.autograd.backward((y, aux), (grad_y.to(y.dtype), torch.ones_like(aux)))
+        fwd[path] = lambda run=run: run(backward=False)
+        fwd_bwd[path] = lambda run=run: run(backward=True)
+    with torch.no_grad():
+        t_fwd = interleaved(fwd, args.runs, args.warmup, device)
+    t_fb = interleaved(fwd_bwd, args.runs, args.warmup, device)
+    with torch.no_grad():
+        _, (_, counts, _) = layer(h)
+    row = dict(E=n_experts, routing=routing, N=N, top2_share=round((counts.float().topk(2).values.sum() / counts.sum()).item(), 2))
+    for path in paths:
+        row[path] = dict(fwd=summary(t_fwd[path]), fwd_bwd=summary(t_fb[path]))
+    return row
+
+
+def ratio(row, slow, fast, key):
+    return row[slow][key]["median"] / row[fast][key]["median"]
+
+
+def layer_table(rows, paths, device):
+    """One line per (E, routing, N): each path's forward / forward+backward median, then the ratios."""
+    pairs = [(a, b) for a, b in (("loop", "masked"), ("masked", "grouped"), ("masked", "kernels")) if a in paths and b in paths]
+    head = ["E", "routing", "N", "top-2 share"] + [f"{p} ms (fwd / f+b)" for p in paths] + \
+           [f"{b} vs {a} (fwd / f+b)" for a, b in pairs]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        cells = [str(row["E"]), row["routing"], str(row["N"]), f"{row['top2_share']:.2f}"]
+        cells += [f"{row[p]['fwd']['median']:.2f} / {row[p]['fwd_bwd']['median']:.2f}" for p in paths]
+        cells += [f"{ratio(row, a, b, 'fwd'):.2f}x / {ratio(row, a, b, 'fwd_bwd'):.2f}x" for a, b in pairs]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 # -----------------------------------------------------------------------------
-# whole training steps of the comparison's models, interleaved
+# whole training steps, interleaved
+
+METHODS = {  # name: (method, n_experts, top_k)
+    "adapter": ("adapter", 1, 1), "pesc4": ("pesc", 4, 2), "pesc8": ("pesc", 8, 2), "pesc16": ("pesc", 16, 2),
+    "sparse8": ("sparse", 8, 2), "full": ("full", 0, 0),
+}
+LABELS = {"adapter": "one adapter (PESC E=1, k=1)", "pesc4": "PESC E=4, k=2", "pesc8": "PESC E=8, k=2",
+          "pesc16": "PESC E=16, k=2", "sparse8": "sparse upcycling E=8, k=2", "full": "full fine-tune"}
+
+
+def train_step_models(args, device, vocab_size, block_size):
+    from optim import make_optimizer
+    from upcycle import upcycle
+    models = {}
+    for name, (method, E, k) in METHODS.items():
+        torch.manual_seed(args.seed)   # the same random base for every method
+        model = GPT(GPTConfig(block_size=block_size, vocab_size=vocab_size, n_layer=args.layers,
+                              n_head=max(1, args.d // 64), n_embd=args.d))
+        if method == "full":
+            model.requires_grad_(True)
+        else:
+            upcycle(model, method, n_experts=max(E, 1), top_k=max(k, 1), adapter_dim=args.r, lora_rank=8, verbose=False)
+        model.to(device)
+        models[name] = (model, make_optimizer(model, 1e-3, 0.0, device.type))
+    return models
+
 
 def train_step_bench(args):
-    from compare import LABELS, RUNS, STEP_TARGET
-    from data.instruct import encode_dataset, make_instruction_set
-    from data.pydocs import BYTE_VOCAB_SIZE, byte_tokenizer
-    from model import GPT
-    from train import DEFAULTS, apply_method, make_optimizer, parse_config, tune_batch
-
+    from data.instruct import batch_at, encode_dataset, make_instruction_set
+    from tokenizer import byte_tokenizer
     device, autocast, device_name = device_setup(args)
-    configs = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config", "compare")
-    cfgs = {name: parse_config([os.path.join(configs, "common.py"), os.path.join(configs, f"{name}.py")], DEFAULTS)
-            for name in RUNS}
-    cfg = cfgs["adapter"]
-    enc = byte_tokenizer()
-    data = make_instruction_set(seed=cfg["data_seed"], n_train=cfg["n_train"], n_val=cfg["n_val"])
-    train_enc = encode_dataset(enc, data["train"], cfg["block_size"], enc.eot_token)
-    models = {}
-    for name, c in cfgs.items():
-        torch.manual_seed(args.seed)   # the same random base for every method
-        model = GPT(GPTConfig(block_size=c["block_size"], vocab_size=BYTE_VOCAB_SIZE, n_layer=c["n_layer"],
-                              n_head=c["n_head"], n_embd=c["n_embd"], bias=c["bias"])).requires_grad_(False)
-        model = apply_method(model, c, verbose=False).to(device)
-        models[name] = (model, make_optimizer(model, c["learning_rate"], c["weight_decay"], device.type))
+    tok = byte_tokenizer()
+    data = make_instruction_set(seed=1337, n_train=2000, n_val=30)
+    train_enc = encode_dataset(tok, data["train"], 128)
+    models = train_step_models(args, device, 320, 128)
 
     def step(name, batch):
         model, optimizer = models[name]
         idx, targets, mask = (t.to(device) for t in batch)
         with autocast:
-            _, loss = model(idx, targets, mask)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg["grad_clip"])
+            _, ce, routing = model(idx, targets, mask)
+        (ce + (routing.aux_loss if routing is not None else 0)).backward()
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
 
     times = {name: [] for name in models}
     n_tokens = []
     for i in tqdm(range(args.warmup + args.runs), desc="training steps, every model in turn"):
-        batch = tune_batch(train_enc, i, cfg["batch_size"], args.seed, enc.eot_token)   # one batch for all
+        batch = batch_at(train_enc, i, args.batch, args.seed, tok.pad_id)   # one batch for all
         n_tokens.append(batch[0].numel())
         for name in models:
-            t0 = time.perf_counter()
-            step(name, batch)
+            ms = timed(lambda: step(name, batch), device)
             if i >= args.warmup:
-                times[name].append(time.perf_counter() - t0)
+                times[name].append(ms)
     base = statistics.median(times["adapter"])
-    rows = {name: dict(step_ms=1e3 * statistics.median(ts), vs_adapter=statistics.median(ts) / base)
+    rows = {name: dict(step_ms=statistics.median(ts), low_ms=min(ts), high_ms=max(ts),
+                       vs_adapter=statistics.median(ts) / base,
+                       # the ratio per round, so its spread is that of one interleaved comparison
+                       vs_adapter_per_round=summary([t / a for t, a in zip(ts, times["adapter"])]))
             for name, ts in times.items()}
     print(f"\ndevice {device_name}, torch {torch.__version__}, dtype {args.dtype}, {torch.get_num_threads()} threads; "
-          f"median of {args.runs} steps after {args.warmup} warm-up, batch {cfg['batch_size']} x "
-          f"~{statistics.mean(n_tokens) / cfg['batch_size']:.0f} tokens, adapters r = {cfg['adapter_dim']}")
-    print("| method | step ms | vs adapter |\n|---|---|---|")
-    for run, row in rows.items():
-        print(f"| {LABELS[run]} | {row['step_ms']:.1f} | {row['vs_adapter']:.2f}x |")
-    ratio = rows["pesc8"]["vs_adapter"]
-    print(f"\ntarget: PESC E=8 step / adapter baseline = {ratio:.2f} (<= {STEP_TARGET}): "
-          + ("met" if ratio <= STEP_TARGET else "MISSED"))
+          f"d={args.d}, r={args.r} (r/d = 1/{args.d / args.r:g}), {args.layers} layers, batch {args.batch} x "
+          f"~{statistics.mean(n_tokens) / args.batch:.0f} tokens; median of {args.runs} rounds after {args.warmup} warm-up")
+    print("| method | step ms (median, range) | vs one adapter (median; per-round range) |\n|---|---|---|")
+    for name, row in rows.items():
+        pr = row["vs_adapter_per_round"]
+        print(f"| {LABELS[name]} | {row['step_ms']:.1f} ({row['low_ms']:.1f}-{row['high_ms']:.1f}) | "
+              f"{row['vs_adapter']:.2f}x ({pr['low']:.2f}-{pr['high']:.2f}) |")
+    quarter = abs(args.r / args.d - 0.25) < 1e-9
+    target8 = TARGETS["train_step_quarter"] if quarter else TARGETS["train_step_twelfth"] if abs(args.d / args.r - 12) < 1e-9 else None
+    for name, target in (("pesc8", target8), ("pesc16", TARGETS["train_step_e16"] if quarter else None)):
+        verdict = "" if target is None else f" (target <= {target}: {'met' if rows[name]['vs_adapter'] <= target else 'MISSED'})"
+        print(f"{LABELS[name].split(',')[0]} vs one adapter: {rows[name]['vs_adapter']:.2f}x{verdict}")
     if args.out:
-        write_json(args.out, dict(meta=dict(device=device_name, torch=torch.__version__, dtype=args.dtype, runs=args.runs,
+        write_json(args.out, dict(meta=dict(device=device_name, torch=torch.__version__, dtype=args.dtype, d=args.d,
+                                            r=args.r, layers=args.layers, batch=args.batch, runs=args.runs,
                                             warmup=args.warmup, threads=torch.get_num_threads()), rows=rows))
         print(f"wrote {args.out}")
 
 
-def write_json(path, results):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        json.dump(results, f, indent=1)
-    os.replace(path + ".tmp", path)
+# -----------------------------------------------------------------------------
+# memory of the QLoRA recipe: each setting in its own process, steps interleaved
+
+MEMORY_SETTINGS = {"fp32 base": (False, False), "fp32 base + checkpointing": (False, True),
+                   "4-bit base": (True, False), "4-bit base + checkpointing": (True, True)}
 
 
-def speedup(row, slow, fast, key):
-    return row[slow][key] / row[fast][key]
+def memory_worker(quantize, checkpointing, batch, seq, pipe):
+    """Builds a GPT-2-124M-shaped PESC model (E=8, k=2, r=64, LoRA r=8 on every linear layer) and runs
+    one training step per message; answers with the step time; at the end, its peak RSS."""
+    import resource
+    from optim import make_optimizer
+    from upcycle import upcycle
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1")))
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=50257, block_size=seq, gelu="tanh"))
+    upcycle(model, "pesc", n_experts=8, top_k=2, adapter_dim=64, lora_rank=8, lora_targets="all",
+            quantize_base=quantize, verbose=False)
+    model.gradient_checkpointing = checkpointing
+    optimizer = make_optimizer(model, 1e-4, 0.0, "cpu")
+    idx = torch.randint(50257, (batch, seq), generator=torch.Generator().manual_seed(1))
+    while pipe.recv() == "step":
+        t0 = time.perf_counter()
+        _, ce, routing = model(idx, idx)
+        (ce + routing.aux_loss).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        pipe.send(time.perf_counter() - t0)
+    pipe.send(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 
 
-def markdown(rows, paths, device):
-    """One line per (E, routing, N): each path's forward / forward+backward time, then the two ratios
-    (forward and forward+backward) and, on the GPU, whether they meet the targets."""
-    gpu = device.type == "cuda"
-    head = ["E", "routing", "N", "top-2 share"] + [f"{p} ms (fwd / f+b)" for p in paths]
-    if "loop" in paths and "dense" in paths:
-        head.append("dense vs loop" + (f" (target >= {DENSE_TARGET_SPEEDUP:g}x)" if gpu else ""))
-    if "kernel" in paths:
-        head.append(f"kernel vs dense (target >= {KERNEL_TARGET_SPEEDUP:g}x at N <= {KERNEL_TARGET_SMALL_N}, "
-                    f">= 1x above)")
-    if gpu:
-        head += [f"{p} peak MiB (f+b)" for p in paths]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for row in rows:
-        cells = [str(row["E"]), row["routing"], str(row["N"]), f"{row['top2_share']:.2f}"]
-        cells += [f"{row[p]['fwd_ms']:.3f} / {row[p]['fwd_bwd_ms']:.3f}" for p in paths]
-        if "loop" in paths and "dense" in paths:
-            cells.append(ratio_cell(row, "loop", "dense", DENSE_TARGET_SPEEDUP if gpu else None))
-        if "kernel" in paths:
-            target = KERNEL_TARGET_SPEEDUP if row["N"] <= KERNEL_TARGET_SMALL_N else 1.0
-            cells.append(ratio_cell(row, "dense", "kernel", target))
-        if gpu:
-            cells += [f"{row[p]['peak_mib']:.1f}" for p in paths]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def ratio_cell(row, slow, fast, target):
-    """'2.10x / 1.85x': how many times faster `fast` is than `slow`, forward / forward+backward;
-    with a target, 'met' or 'MISSED' for both numbers."""
-    fwd, fb = speedup(row, slow, fast, "fwd_ms"), speedup(row, slow, fast, "fwd_bwd_ms")
-    cell = f"{fwd:.2f}x / {fb:.2f}x"
-    if target is not None:
-        cell += " met" if min(fwd, fb) >= target else " MISSED"
-    return cell
+def memory_bench(args):
+    import multiprocessing as mp
+    ctx = mp.get_context("spawn")
+    batch, seq = 4, 128
+    workers = {}
+    for name, (quantize, checkpointing) in MEMORY_SETTINGS.items():
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(target=memory_worker, args=(quantize, checkpointing, batch, seq, child))
+        proc.start()
+        workers[name] = (proc, parent)
+    times = {name: [] for name in workers}
+    for i in tqdm(range(args.warmup + args.runs), desc="training steps, every setting in turn"):
+        for name, (_, pipe) in workers.items():
+            pipe.send("step")
+            seconds = pipe.recv()
+            if i >= args.warmup:
+                times[name].append(seconds)
+    peak = {}
+    for name, (proc, pipe) in workers.items():
+        pipe.send("stop")
+        peak[name] = pipe.recv()
+        proc.join()
+    base = statistics.median(times["fp32 base"])
+    print(f"\nGPT-2-124M-shaped PESC (E=8, k=2, r=64, LoRA r=8 on every linear layer), batch {batch} x {seq} tokens, "
+          f"CPU fp32 compute, one process per setting, {os.environ.get('BENCH_THREADS', '1')} thread(s) each; "
+          f"median of {args.runs} interleaved steps after {args.warmup} warm-up")
+    print("| setting | peak RSS | step s (median, range) | step time vs fp32 base |\n|---|---|---|---|")
+    rows = {}
+    for name, ts in times.items():
+        rows[name] = dict(peak_rss_bytes=peak[name], step_s=summary(ts), vs_fp32=statistics.median(ts) / base)
+        print(f"| {name} | {peak[name] / 2**20:.0f} MiB | {statistics.median(ts):.2f} ({min(ts):.2f}-{max(ts):.2f}) | "
+              f"{rows[name]['vs_fp32']:.2f}x |")
+    if args.out:
+        write_json(args.out, dict(meta=dict(batch=batch, seq=seq, runs=args.runs, warmup=args.warmup), rows=rows))
 
 
 if __name__ == "__main__":
-    main()
+    arguments = parse_args()
+    if arguments.train_step:
+        train_step_bench(arguments)
+    elif arguments.memory:
+        memory_bench(arguments)
+    else:
+        layer_bench(arguments)

@@ -1,16 +1,20 @@
 """
-The paper's comparison in miniature: dense fine-tune vs the one-adapter dense baseline vs sparse
-upcycling vs PESC with 4, 8 and 16 experts, from the same pretrained base, on the embedded
-instruction set, with the same steps, data order and learning-rate schedule, for several seeds.
+The paper's comparison in miniature: a full fine-tune, the paper's two dense baselines (one adapter
+per FFN; "Camel", LoRA on every linear layer), a one-adapter baseline with as many trainable
+parameters as PESC E=8, sparse upcycling, PESC with 4, 8 and 16 experts, and PESC E=8 on a 4-bit
+base -- from the same pretrained base, on the embedded instruction set, with the same steps, data
+order and learning-rate schedule, for several seeds.
 
-    python compare.py                      # every run (config/compare/*.py x seeds), then the table and figures
-    python compare.py --report             # only rebuild the table and figures from finished runs
-    python compare.py --gpt2               # the GPT-2-scale parameter / memory table and the CPU step-time ratio
+    python compare.py                      # every run (config/compare/*.py x seeds), then the report
+    python compare.py --report             # only rebuild the report from finished runs
+    python compare.py --sizes              # parameter, memory and NF4-error tables (no training)
 
-Each run is `python train.py config/compare/common.py config/compare/<name>.py --seed=S` in its own process (so that its
-peak memory is its own); its checkpoints and summary land in out-compare/<name>-s<S>/ (git-ignored).
-The report goes to results/ (in git): compare.json, compare.md and two PNG figures (matplotlib,
-optional: it says how to install it when missing).
+Each run is `python train.py config/compare/common.py config/compare/<name>.py --seed=S` in its own
+process (so that its peak memory is its own); its checkpoints and summary land in
+out-compare/<name>-s<S>/ (git-ignored). The report goes to results/ (in git): compare.json,
+compare.md and two PNG figures (matplotlib, optional: it says how to install it when missing).
+Differences between methods are reported per seed, paired against the one-adapter baseline run with
+the same seed (same data order, same base): at this size a single seed's ordering is noise.
 """
 
 import argparse
@@ -25,15 +29,14 @@ from contextlib import nullcontext
 
 import torch
 
-from train import read_log
-
 ROOT = os.path.dirname(os.path.abspath(__file__))
-RUNS = ["dense", "adapter", "sparse8", "pesc4", "pesc8", "pesc16"]  # config/compare/<name>.py, after common.py
-LABELS = {"dense": "dense, full fine-tune", "adapter": "dense + 1 adapter (PESC E=1, k=1)",
+RUNS = ["full", "adapter", "adapter_wide", "lora", "sparse8", "pesc4", "pesc8", "pesc16", "pesc8_nf4"]
+LABELS = {"full": "full fine-tune", "adapter": "one adapter (PESC E=1, k=1)",
+          "adapter_wide": "one adapter, r=132 (= PESC E=8's trainable params)", "lora": "LoRA on every linear (Camel)",
           "sparse8": "sparse upcycling E=8, k=2", "pesc4": "PESC E=4, k=2", "pesc8": "PESC E=8, k=2",
-          "pesc16": "PESC E=16, k=2"}
+          "pesc16": "PESC E=16, k=2", "pesc8_nf4": "PESC E=8, k=2, 4-bit NF4 base"}
 FAMILIES = ("general", "code", "math")
-STEP_TARGET = 1.3  # PESC E=8 training step at most 1.3x the one-adapter baseline's (bench.py --train_step too)
+BASELINE = "adapter"
 
 
 def run_all(out, seeds):
@@ -47,13 +50,17 @@ def run_all(out, seeds):
             continue
         print(f"[{i + 1}/{len(todo)}] {name} seed {seed} ({time.time() - t0:.0f} s so far)", flush=True)
         cmd = [sys.executable, "train.py", "config/compare/common.py", f"config/compare/{name}.py", f"--seed={seed}",
-               f"--out_dir={run_dir}",
-               f"--base_ckpt={base}"]
+               f"--out_dir={run_dir}", f"--base_ckpt={base}"]
         with open(os.path.join(out, f"{name}-s{seed}.log"), "w") as log:
             r = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
         if r.returncode != 0:
             sys.exit(f"{' '.join(cmd)} failed; see {log.name}")
     print(f"all runs finished in {time.time() - t0:.0f} s")
+
+
+def read_log(run_dir):
+    with open(os.path.join(run_dir, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
 
 
 def mean_std(values):
@@ -65,50 +72,69 @@ def pm(values, scale=100.0, digits=1):
     return f"{m:.{digits}f} ± {s:.{digits}f}"
 
 
-def report(out, dest):
+def load_results(out):
     results = {}
     for path in sorted(glob.glob(os.path.join(out, "*-s*", "result.json"))):
         name = os.path.basename(os.path.dirname(path)).rsplit("-s", 1)[0]
         with open(path) as f:
-            results.setdefault(name, []).append(json.load(f))
+            result = json.load(f)
+        results.setdefault(name, {})[result["seed"]] = result
+    return results
+
+
+def paired(results, name, key):
+    """Per seed: method minus the one-adapter baseline with the same seed (same data order)."""
+    seeds = sorted(set(results[name]) & set(results[BASELINE]))
+    return [key(results[name][s]) - key(results[BASELINE][s]) for s in seeds]
+
+
+def report(out, dest):
+    results = load_results(out)
+    if BASELINE not in results:
+        sys.exit(f"no finished runs of the one-adapter baseline under {out}; run python compare.py first")
     names = [n for n in RUNS if n in results]
-    if "adapter" not in results:
-        sys.exit(f"no finished runs of the adapter baseline under {out}; run python compare.py first")
-    base_step = statistics.mean(r["step_time_s"] for r in results["adapter"])
-    rows, summary = [], {}
-    header = ("| method | " + " | ".join(f"{f} EM %" for f in FAMILIES) + " | average EM % | held-out loss | "
-              "total params | trainable | active / token | checkpoint | step time vs adapter | peak RSS |")
-    rows.append(header)
-    rows.append("|" + " --- |" * (header.count("|") - 1))
+    base_step = statistics.median(r["step_time_s"] for r in results[BASELINE].values())
+    head = ("| method | " + " | ".join(f"{f} EM %" for f in FAMILIES) + " | average EM % | held-out loss | "
+            "total params | trainable | active / token | checkpoint | step time vs adapter | peak RSS |")
+    rows = [head, "|" + " --- |" * (head.count("|") - 1)]
+    diff_rows = ["| method | EM % minus one adapter, per seed | mean ± std | held-out loss minus one adapter, per seed | "
+                 "mean ± std |", "|---|---|---|---|---|"]
+    summary = {}
     for name in names:
-        rs = results[name]
+        rs = list(results[name].values())
         c = rs[0]["counts"]
-        step = statistics.mean(r["step_time_s"] for r in rs)
-        summary[name] = dict(
-            seeds=[r["seed"] for r in rs],
-            exact_match={f: mean_std([r["after"][f] for r in rs]) for f in FAMILIES + ("average",)},
-            val_loss=mean_std([r["val_loss"] for r in rs]), counts=c,
-            checkpoint_bytes=rs[0]["checkpoint_bytes"], step_time_s=step, step_time_vs_adapter=step / base_step,
-            peak_memory_bytes=max(r["peak_memory_bytes"] for r in rs))
+        step = statistics.median(r["step_time_s"] for r in rs)
+        em_diff = paired(results, name, lambda r: 100 * r["after"]["average"])
+        loss_diff = paired(results, name, lambda r: r["val_loss"])
+        summary[name] = dict(seeds=sorted(results[name]), counts=c, checkpoint_bytes=rs[0]["checkpoint_bytes"],
+                             exact_match={f: mean_std([r["after"][f] for r in rs]) for f in FAMILIES + ("average",)},
+                             val_loss=mean_std([r["val_loss"] for r in rs]), step_time_s=step,
+                             step_time_vs_adapter=step / base_step, peak_memory_bytes=max(r["peak_memory_bytes"] for r in rs),
+                             em_minus_adapter=em_diff, loss_minus_adapter=loss_diff)
         rows.append(f"| {LABELS[name]} | " + " | ".join(pm([r["after"][f] for r in rs]) for f in FAMILIES)
                     + f" | {pm([r['after']['average'] for r in rs])} | {pm([r['val_loss'] for r in rs], 1, 3)} | "
                     f"{c['total'] / 1e6:.2f}M | {c['trainable'] / 1e6:.3f}M | {c['active'] / 1e6:.2f}M | "
                     f"{rs[0]['checkpoint_bytes'] / 2**20:.1f} MiB | {step / base_step:.2f}x | "
                     f"{summary[name]['peak_memory_bytes'] / 2**20:.0f} MiB |")
+        if name != BASELINE:
+            diff_rows.append(f"| {LABELS[name]} | {', '.join(f'{d:+.1f}' for d in em_diff)} | {pm(em_diff, 1.0)} | "
+                             f"{', '.join(f'{d:+.3f}' for d in loss_diff)} | {pm(loss_diff, 1.0, 3)} |")
     seeds = sorted({s for v in summary.values() for s in v["seeds"]})
-    table = "\n".join(rows) + (f"\n\nExact match (EM) on the held-out split, mean ± std over seeds {seeds}; "
-                               f"before tuning every method scores {results['adapter'][0]['before']['exact_match']['average'] * 100:.1f} %.")
+    before = next(iter(results[BASELINE].values()))["before"]["exact_match"]["average"]
+    table = "\n".join(rows) + (f"\n\nExact match (EM) on the held-out split, mean ± std over seeds {seeds}; before "
+                               f"tuning every method scores {100 * before:.1f} %.\n\nPaired differences against the "
+                               f"one-adapter baseline run with the same seed (seeds {seeds}):\n\n" + "\n".join(diff_rows))
     os.makedirs(dest, exist_ok=True)
     with open(os.path.join(dest, "compare.json"), "w") as f:
-        json.dump(dict(summary=summary, runs=results), f, indent=1)
+        json.dump(dict(summary=summary, runs={n: list(r.values()) for n, r in results.items()}), f, indent=1)
     with open(os.path.join(dest, "compare.md"), "w") as f:
         f.write(table + "\n")
     print(table)
     if "pesc8" in summary and "sparse8" in summary:
         p, s = summary["pesc8"], summary["sparse8"]
-        print(f"\ntargets: PESC E=8 step time / adapter baseline = {p['step_time_vs_adapter']:.2f} (<= {STEP_TARGET}); "
-              f"trainable PESC/sparse = {p['counts']['trainable'] / s['counts']['trainable']:.3f} (<= 0.2); "
-              f"checkpoint PESC/sparse = {p['checkpoint_bytes'] / s['checkpoint_bytes']:.3f} (<= 0.1)")
+        print(f"\nPESC E=8 / sparse upcycling: trainable {p['counts']['trainable'] / s['counts']['trainable']:.3f}, "
+              f"checkpoint {p['checkpoint_bytes'] / s['checkpoint_bytes']:.3f}; PESC E=8 step time / one adapter "
+              f"{p['step_time_vs_adapter']:.2f}")
     figures(out, dest, names, seeds)
 
 
@@ -120,26 +146,21 @@ def figures(out, dest, names, seeds):
     except ImportError:
         print("the figures need matplotlib (optional): pip install matplotlib, then python compare.py --report")
         return
-    # validation loss against step, mean over seeds
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))   # validation loss against step, mean over seeds
     for name in names:
-        curves = []
-        for seed in seeds:
-            run_dir = os.path.join(out, f"{name}-s{seed}")
-            if os.path.isfile(os.path.join(run_dir, "result.json")):  # finished runs only
-                curves.append([(r["step"], r["val_loss"]) for r in read_log(run_dir)])
+        curves = [[(r["step"], r["val_loss"]) for r in read_log(os.path.join(out, f"{name}-s{seed}"))]
+                  for seed in seeds if os.path.isfile(os.path.join(out, f"{name}-s{seed}", "result.json"))]
         steps = [s for s, _ in curves[0]]
         mean = [statistics.mean(c[i][1] for c in curves) for i in range(len(steps))]
         ax.plot(steps[1:], mean[1:], marker="o", ms=3, label=LABELS[name])
     ax.set_xlabel("tuning step")
     ax.set_ylabel("held-out response loss (nats / token)")
     ax.set_title(f"Validation loss, mean over seeds {seeds}")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(os.path.join(dest, "val_loss.png"), dpi=120)
-    # expert usage per task family per layer for PESC E=8 (the paper's routing analysis)
     usage = expert_usage(os.path.join(out, f"pesc8-s{seeds[0]}", "ckpt.pt"))
-    if usage is not None:
+    if usage is not None:   # the paper's routing analysis: expert usage per task family per layer
         n_layers = usage.size(0)
         fig, axes = plt.subplots(1, n_layers, figsize=(3.2 * n_layers, 2.8), squeeze=False)
         for layer in range(n_layers):
@@ -165,61 +186,131 @@ def expert_usage(ckpt_path):
     over every real token of the held-out prompts and responses."""
     if not os.path.isfile(ckpt_path):
         return None
-    import train
+    from checkpoint import build_model, read_checkpoint
     from data.instruct import encode_dataset, make_instruction_set
-    ckpt = train.read_checkpoint(ckpt_path)
-    model = train.build_model(ckpt, ckpt_path)
-    enc = train.load_tokenizer(ckpt["tokenizer"])
+    from evaluate import response_loss
+    from tokenizer import load_tokenizer
+    ckpt = read_checkpoint(ckpt_path)
+    model = build_model(ckpt, ckpt_path)
+    tok = load_tokenizer(ckpt["tokenizer"])
     cfg = ckpt["config"]
     val = make_instruction_set(seed=cfg["data_seed"], n_train=cfg["n_train"], n_val=cfg["n_val"])["val"]
     per_family = []
     for fam in FAMILIES:
-        encoded = encode_dataset(enc, [ex for ex in val if ex["family"] == fam], model.config.block_size, enc.eot_token)
-        _, counts = train.response_loss(model, encoded, 64, enc.eot_token, "cpu", nullcontext())  # (layers, E)
+        encoded = encode_dataset(tok, [ex for ex in val if ex["family"] == fam], model.config.block_size)
+        _, counts = response_loss(model, encoded, 64, tok.pad_id, "cpu", nullcontext())  # (layers, E)
         per_family.append(counts / counts.sum(dim=1, keepdim=True))
     return torch.stack(per_family, dim=1)  # (layers, families, E)
 
 
-def gpt2_table():
-    """Parameter counts and AdamW state for GPT-2 shapes (random weights, on the meta device: no
-    memory needed), and the CPU step-time ratio PESC / dense at 124M with real random weights."""
-    from model import GPT, GPT2_SIZES, GPTConfig
-    from upcycle import count_params, upcycle
-    lines = ["| model | method | total | trainable | active / token | AdamW state (fp32) |", "|" + " --- |" * 6]
-    for name in ("gpt2", "gpt2-medium", "gpt2-large"):
-        n_layer, n_head, n_embd = GPT2_SIZES[name]
-        config = GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, vocab_size=50257, gelu="tanh")
-        for method in ("dense", "pesc", "sparse"):
-            with torch.device("meta"):
-                model = GPT(config)
-                if method != "dense":
-                    upcycle(model, method=method, n_experts=8, top_k=2, adapter_dim=64, verbose=False)
-            c = count_params(model)
-            trainable = c["total"] if method == "dense" else c["trainable"]
-            label = {"dense": "dense full fine-tune", "pesc": "PESC E=8, r=64", "sparse": "sparse upcycling E=8"}[method]
-            lines.append(f"| {name} | {label} | {c['total'] / 1e6:.1f}M | {trainable / 1e6:.2f}M | "
-                         f"{c['active'] / 1e6:.1f}M | {8 * trainable / 2**30:.2f} GiB |")
-    print("\n".join(lines))
-    # CPU step time at 124M: batch 4 x 128 tokens, AdamW, 2 warm-up + 5 timed steps each
-    times = {}
-    for method in ("dense", "pesc"):
-        torch.manual_seed(0)
-        model = GPT(GPTConfig(vocab_size=50257, gelu="tanh", block_size=128))
-        if method == "pesc":
-            upcycle(model, n_experts=8, top_k=2, adapter_dim=64, verbose=False)
-        params = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=1e-4)
-        x = torch.randint(0, 50257, (4, 128))
-        for i in range(7):
-            if i == 2:
-                t0 = time.time()
-            _, loss = model(x, x)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        times[method] = (time.time() - t0) / 5
-    print(f"\nCPU step time at 124M (batch 4 x 128, {torch.get_num_threads()} threads): dense full fine-tune "
-          f"{times['dense']:.2f} s, PESC {times['pesc']:.2f} s, ratio PESC / dense {times['pesc'] / times['dense']:.2f}")
+# -----------------------------------------------------------------------------
+# --sizes: what the methods cost at real sizes, counted on the meta device (no memory, no download)
+
+SHAPES = {  # name: GPTConfig arguments (the Llama-family rows from their config.json)
+    "GPT-2 124M": dict(n_layer=12, n_head=12, n_embd=768, vocab_size=50257, gelu="tanh"),
+    "SmolLM2-135M": dict(family="llama", n_layer=30, n_head=9, n_kv_head=3, n_embd=576, ffn_dim=1536, vocab_size=49152,
+                         bias=False, rope_theta=100000.0, block_size=8192),
+    "SmolLM2-360M": dict(family="llama", n_layer=32, n_head=15, n_kv_head=5, n_embd=960, ffn_dim=2560, vocab_size=49152,
+                         bias=False, rope_theta=100000.0, block_size=8192),
+    "Qwen2.5-0.5B": dict(family="llama", n_layer=24, n_head=14, n_kv_head=2, n_embd=896, ffn_dim=4864, vocab_size=151936,
+                         bias=False, qkv_bias=True, rope_theta=1e6, block_size=32768),
+    "Llama-3.2-1B": dict(family="llama", n_layer=16, n_head=32, n_kv_head=8, n_embd=2048, ffn_dim=8192, vocab_size=128256,
+                         bias=False, rope_theta=500000.0, block_size=131072),
+    "Llama-2-7B shape": dict(family="llama", n_layer=32, n_head=32, n_embd=4096, ffn_dim=11008, vocab_size=32000,
+                             bias=False, tie_embeddings=False, block_size=4096),
+}
+
+
+def meta_model(shape, method, **kwargs):
+    from model import GPT, GPTConfig
+    from upcycle import upcycle
+    with torch.device("meta"):
+        model = GPT(GPTConfig(**shape))
+        if method != "full":
+            upcycle(model, method, verbose=False, **kwargs)
+    return model
+
+
+def sizes():
+    from upcycle import count_params
+    print("Parameters, E = 8, k = 2, r = 64 (PESC), every layer, no LoRA; AdamW state = two fp32 moments of the "
+          "trainable parameters\n")
+    print("| model | method | total | trainable | active / token | AdamW state |\n|---|---|---|---|---|---|")
+    for name in ("GPT-2 124M", "SmolLM2-135M", "Qwen2.5-0.5B", "Llama-3.2-1B"):
+        for method in ("full", "pesc", "sparse"):
+            c = count_params(meta_model(SHAPES[name], method, n_experts=8, top_k=2, adapter_dim=64))
+            trainable = c["total"] if method == "full" else c["trainable"]
+            label = {"full": "dense, full fine-tune", "pesc": "PESC E=8, r=64", "sparse": "sparse upcycling E=8"}[method]
+            print(f"| {name} | {label} | {c['total'] / 1e6:.1f}M | {trainable / 1e6:.2f}M | {c['active'] / 1e6:.1f}M | "
+                  f"{8 * trainable / 2**30:.2f} GiB |")
+    memory_table()
+    nf4_error_table()
+
+
+def frozen_linear_params(model):
+    """Weights of the attention and FFN projections: what quantize_base stores in 4 bits."""
+    return sum(p.numel() for block in model.transformer.h for owner in (block.attn, block.mlp.ffn)
+               for name, p in owner.named_parameters() if name.endswith("weight") and p.dim() == 2)
+
+
+def activation_bytes_per_token(config, checkpointing, dtype_bytes=2):
+    """A rough count of what backward keeps per token (bf16 activations): per block the normed inputs,
+    q/k/v, the attention output, the FFN's hidden activations (SwiGLU: gate, up, their product; GPT-2:
+    the 4d pre- and post-GELU) and the MoE adapter's E*r pre-activations; with checkpointing only each
+    block's input plus one block recomputed at a time. Plus the fp32 logits and their gradient."""
+    d, f, kv = config.n_embd, config.ffn_dim, config.n_kv_head * config.head_dim
+    per_block = (6 * d + 2 * kv + (3 if config.family == "llama" else 2) * f + 8 * 64) * dtype_bytes
+    blocks = config.n_layer * d * dtype_bytes + per_block if checkpointing else config.n_layer * per_block
+    return blocks + 2 * 4 * config.vocab_size
+
+
+def memory_table(tokens=16 * 512):
+    from costs import training_memory
+    from quant import nf4_bytes
+    from upcycle import count_params
+    print(f"\nFrozen base weights and a PESC E=8 (r=64, LoRA r=64 on every linear layer) training step at batch 16 x 512 "
+          f"= {tokens} tokens: weights + trainable fp32 weights, grads and AdamW moments + activations (an estimate "
+          f"from activation_bytes_per_token, not a measurement)\n")
+    print("| model | base fp32 | base bf16 | base NF4 (double quant) | step, bf16 base | step, NF4 base | "
+          "step, NF4 base + checkpointing |\n|---|---|---|---|---|---|---|")
+    for name, shape in SHAPES.items():
+        model = meta_model(shape, "pesc", n_experts=8, top_k=2, adapter_dim=64, lora_rank=64, lora_targets="all")
+        c = count_params(model)
+        frozen = c["total"] - c["trainable"]
+        projections = frozen_linear_params(model)
+        fp32, bf16 = 4 * frozen, 2 * frozen
+        nf4 = 2 * (frozen - projections) + nf4_bytes(projections)   # embeddings, head and norms stay bf16
+        steps = [training_memory(base, c["trainable"], activation_bytes_per_token(model.config, ckpt), tokens)
+                 for base, ckpt in ((bf16, False), (nf4, False), (nf4, True))]
+        print(f"| {name} | {gib(fp32)} | {gib(bf16)} | {gib(nf4)} | " + " | ".join(gib(s) for s in steps) + " |")
+
+
+def nf4_error_table(base_ckpt="out/base.pt"):
+    """Mean relative error |W - dequant(quant(W))| / |W| (ratio of means) of NF4 with double
+    quantization: on Gaussian weights, on a GPT-2-shaped block initialised as GPT-2 is, and on the
+    trained projections of the demo's pretrained base (when out/base.pt exists)."""
+    from quant import dequantize_nf4, quantize_nf4
+
+    def error(w):
+        back = dequantize_nf4(quantize_nf4(w.float(), double_quant=True))
+        return ((w - back).abs().mean() / w.abs().mean()).item()
+    g = torch.Generator().manual_seed(0)
+    rows = [("Gaussian N(0, 1), 1024 x 1024", error(torch.randn(1024, 1024, generator=g))),
+            ("GPT-2-shaped c_fc at init, N(0, 0.02), 768 x 3072", error(0.02 * torch.randn(3072, 768, generator=g)))]
+    if os.path.isfile(base_ckpt):
+        from checkpoint import read_checkpoint
+        state = read_checkpoint(base_ckpt)["model"]
+        weights = [v for k, v in state.items() if k.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight"))]
+        errors = [error(w) for w in weights]
+        rows.append((f"the demo base's {len(weights)} trained projections ({base_ckpt}), mean over matrices",
+                     statistics.mean(errors)))
+    print("\nNF4 (block 64, double-quantized constants) mean relative error\n\n| weights | error |\n|---|---|")
+    for name, err in rows:
+        print(f"| {name} | {100 * err:.2f} % |")
+
+
+def gib(n):
+    return f"{n / 2**30:.2f} GiB"
 
 
 if __name__ == "__main__":
@@ -228,10 +319,10 @@ if __name__ == "__main__":
     parser.add_argument("--results", default="results", help="where the report and the figures go")
     parser.add_argument("--seeds", default="1,2,3", help="comma-separated training seeds")
     parser.add_argument("--report", action="store_true", help="only rebuild the report from finished runs")
-    parser.add_argument("--gpt2", action="store_true", help="print the GPT-2-scale table instead")
+    parser.add_argument("--sizes", action="store_true", help="print the parameter and memory tables instead")
     args = parser.parse_args()
-    if args.gpt2:
-        gpt2_table()
+    if args.sizes:
+        sizes()
         sys.exit(0)
     os.makedirs(args.out, exist_ok=True)
     if not args.report:

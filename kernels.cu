@@ -6,10 +6,10 @@ Fused CUDA kernels for the PESC MoE layer (moe.py), forward and backward.
                       PyTorch reference: moe.route(). Backward: d logits from d weights and d probs.
   2. gate_gelu_mask   the step between the two matmuls of the dense-masked path: pre-activations
                       P (N, E*r) -> s * g_e * GELU(P) in each selected expert's r-block, zeros elsewhere.
-                      PyTorch reference: moe.gate_gelu_mask_reference(). Backward: dP and d weights.
+                      PyTorch reference: moe.gate_gelu_mask(). Backward: dP and d weights.
 
-moe.py compiles this file on first CUDA use with torch.utils.cpp_extension.load (build/kernels/) and
-wraps each forward/backward pair in a torch.autograd.Function. Layout per op, as in llm.c dev/cuda:
+kernels.py compiles this file on first CUDA use with torch.utils.cpp_extension.load (build/kernels/),
+probes it once on the GPU, and wraps each forward/backward pair in a torch.autograd.Function. Layout per op, as in llm.c dev/cuda:
 the math (what the PyTorch reference computes), the kernel, the launcher with its argument checks.
 
 Every output element is written by exactly one thread, and each reduction runs in a fixed order,
@@ -43,6 +43,7 @@ GELU is the exact erf form (F.gelu's default); build without --use_fast_math so 
                 at::IntArrayRef({__VA_ARGS__}), ", got ", (x).sizes())
 
 constexpr int WARP = 32;
+constexpr int64_t MAX_EXPERTS = 1024;  // kernels.py's MAX_EXPERTS: see the shared-memory notes below
 
 __device__ __forceinline__ float exp_(float x) { return expf(x); }
 __device__ __forceinline__ double exp_(double x) { return exp(x); }
@@ -93,7 +94,7 @@ __global__ void route_forward_kernel(const float* __restrict__ logits, int N, in
     for (int e = threadIdx.x; e < E; e += blockDim.x) block_counts[e] = 0;
     __syncthreads();
 
-    int n = blockIdx.x * blockDim.x + threadIdx.x;
+    const int64_t n = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;  // 64-bit: no overflow near INT32_MAX rows
     if (n < N) {
         const float* l = logits + (int64_t)n * E;
         float* p = probs + (int64_t)n * E;
@@ -148,7 +149,7 @@ __global__ void route_backward_kernel(const float* __restrict__ grad_weights, co
                                       const float* __restrict__ weights, const int64_t* __restrict__ indices,
                                       const float* __restrict__ probs, int N, int E, int k,
                                       float* __restrict__ grad_logits) {
-    int n = blockIdx.x * blockDim.x + threadIdx.x;
+    const int64_t n = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (n >= N) return;
     const float* gp = grad_probs + (int64_t)n * E;
     const float* p = probs + (int64_t)n * E;
@@ -175,7 +176,9 @@ std::vector<torch::Tensor> route_forward(torch::Tensor logits, int64_t top_k) {
     const int64_t N = logits.size(0), E = logits.size(1);
     TORCH_CHECK(E >= 1, "logits must have at least one expert column, got shape ", logits.sizes());
     TORCH_CHECK(top_k >= 1 && top_k <= E, "top_k must be in [1, E=", E, "], got ", top_k);
-    TORCH_CHECK(N <= INT32_MAX && E <= 4096, "route: too many tokens or experts, got shape ", logits.sizes());
+    // the per-block histogram takes E ints of shared memory: E <= MAX_EXPERTS keeps it far below 48 KB
+    TORCH_CHECK(N <= INT32_MAX && E <= MAX_EXPERTS, "route: at most ", INT32_MAX, " tokens and ", MAX_EXPERTS,
+                " experts, got shape ", logits.sizes());
 
     const c10::cuda::CUDAGuard guard(logits.device());
     auto f32 = logits.options();
@@ -229,7 +232,7 @@ torch::Tensor route_backward(torch::Tensor grad_weights, torch::Tensor grad_prob
 // =============================================================================
 // 2. fused gate-GELU-mask
 //
-// Reference (moe.gate_gelu_mask_reference), with P viewed as (N, E, r):
+// Reference (moe.gate_gelu_mask), with P viewed as (N, E, r):
 //   A[n, e, :] = s * g[n, e] * GELU(P[n, e, :])    g[n, e] = weights[n, j] if idx[n, j] == e, else 0
 // so A is zero in the E - k blocks that were not selected, and P is only read in the k that were.
 //
@@ -258,7 +261,7 @@ __global__ void gate_gelu_mask_forward_kernel(const scalar_t* __restrict__ P, co
     using acc_t = at::opmath_type<scalar_t>;  // float for bf16/half/float, double for double
     extern __shared__ int smem[];
     const int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP;
-    const int n = blockIdx.x * GATE_WARPS + warp;
+    const int64_t n = (int64_t)blockIdx.x * GATE_WARPS + warp;  // 64-bit: no overflow near INT32_MAX rows
     if (n >= N) return;  // the whole warp leaves together; only __syncwarp is used below
     int* slot_of = smem + warp * E;
     fill_slots(slot_of, indices + (int64_t)n * k, E, k, lane);
@@ -292,7 +295,7 @@ __global__ void gate_gelu_mask_backward_kernel(const scalar_t* __restrict__ dA, 
     using acc_t = at::opmath_type<scalar_t>;
     extern __shared__ int smem[];
     const int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP;
-    const int n = blockIdx.x * GATE_WARPS + warp;
+    const int64_t n = (int64_t)blockIdx.x * GATE_WARPS + warp;  // 64-bit: no overflow near INT32_MAX rows
     if (n >= N) return;
     int* slot_of = smem + warp * E;
     const int64_t* idx = indices + (int64_t)n * k;
@@ -343,8 +346,11 @@ static int64_t check_gate_args(const char* fn, const torch::Tensor& p, const tor
     TORCH_CHECK(indices.size(0) == N, fn, ": indices must have N=", N, " rows like p, got shape ", indices.sizes());
     TORCH_CHECK(k >= 1 && k <= n_experts, fn, ": k must be in [1, n_experts=", n_experts, "], got ", k);
     CHECK_SHAPE(weights, N, k);
-    TORCH_CHECK(N <= INT32_MAX && p.size(1) <= INT32_MAX && n_experts <= 4096, fn, ": sizes too large, p ",
-                p.sizes());
+    // GATE_WARPS * E ints of shared memory per block: E <= MAX_EXPERTS keeps it at 32 KB, under the 48 KB
+    // a launch gets without the opt-in (cudaFuncSetAttribute)
+    TORCH_CHECK(N <= INT32_MAX && p.size(1) <= INT32_MAX && n_experts <= MAX_EXPERTS, fn, ": at most ",
+                MAX_EXPERTS, " experts and ", INT32_MAX, " rows and columns, got p ", p.sizes(), " and n_experts ",
+                n_experts);
     return p.size(1) / n_experts;
 }
 

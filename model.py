@@ -1,81 +1,224 @@
 """
-A compact GPT (GPT-2 architecture) in the nanoGPT mould, and a loader for real GPT-2 weights.
+The dense model PESC starts from: one compact GPT class for two families, in the nanoGPT mould.
 
-This is the *dense* model that PESC starts from. Each Block's FFN (`block.mlp`) is a separate module
-so that upcycle.py can swap it for an MoE layer from moe.py; an MoE layer also returns its auxiliary
-(load-balancing) loss, and GPT.forward adds those up. Nothing else here knows about experts.
+  family="gpt2"   GPT-2 (Radford et al., 2019): LayerNorm, learned positions, q/k/v in one matmul
+                  (c_attn), a GELU FFN d -> 4d -> d (c_fc, c_proj), tied output embeddings.
+  family="llama"  the Llama family (Llama-2/3, SmolLM2, Qwen2/2.5): RMSNorm, rotary position
+                  embeddings (RoPE, rotate-half convention, optional "llama3" frequency scaling),
+                  grouped-query attention (n_kv_head), optional q/k/v biases (Qwen2), a SwiGLU FFN
+                  down(silu(gate(x)) * up(x)), tied or untied output embeddings.
 
-References: nanoGPT (karpathy/nanoGPT, model.py); GPT-2 (Radford et al., 2019); the Hugging Face
-GPT-2 checkpoint layout (Conv1D weights stored as (in, out), hence the transposes in the loader).
+Each Block's FFN (`block.mlp`) is a separate module, so upcycle.py can swap it for an MoE layer from
+moe.py. Nothing else here knows about experts, except how their routing travels (below).
 
-    model = GPT.from_pretrained("gpt2")              # or a local dir / .bin / .safetensors file
-    logits, loss = model(idx, targets)               # idx, targets: (B, T) int64
+How routing statistics and the aux loss travel -- the one channel, explicit in the return values:
+  an MoE layer returns (y, (aux_loss, counts, indices)); Block.forward passes that triple up;
+  GPT.forward stacks the triples of all MoE layers into one `Routing` (aux loss summed over layers,
+  counts (layers, E), indices (layers, N, k)) and returns it as its third value (None for a model
+  without MoE layers). train.py adds routing.aux_loss to the cross-entropy before backward and sums
+  routing.counts for the logged expert load; evaluate.py sums the counts over a split; sample.py
+  --show_experts reads routing.indices. No module keeps state about the last forward.
+
+References: nanoGPT (karpathy/nanoGPT); gpt-fast (pytorch-labs/gpt-fast) for the KV cache; the
+Hugging Face Llama / Qwen2 modeling files for RoPE's rotate-half layout and llama3 scaling.
+Loading Hugging Face checkpoints lives in pretrained.py (GPT.from_pretrained calls it).
+
+    model = GPT.from_pretrained("gpt2")                     # or "HuggingFaceTB/SmolLM2-135M", a folder
+    logits, loss, routing = model(idx, targets)             # idx, targets: (B, T) int64
+    out = model.generate(idx, max_new_tokens=32, temperature=0)   # with a KV cache
 """
 
-import json
 import math
-import os
-import urllib.request
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+FAMILIES = ("gpt2", "llama")
+ROPE_TYPES = ("default", "llama3")
+
 
 @dataclass
 class GPTConfig:
-    block_size: int = 1024
-    vocab_size: int = 50304   # GPT-2's 50257 padded up to a multiple of 64 for speed
+    block_size: int = 1024       # longest sequence the model handles (learned positions / RoPE table)
+    vocab_size: int = 50304      # GPT-2's 50257 padded up to a multiple of 64 for speed
     n_layer: int = 12
     n_head: int = 12
     n_embd: int = 768
     dropout: float = 0.0
-    bias: bool = True         # biases in Linear layers and LayerNorms, as GPT-2
-    gelu: str = "none"        # "none" = exact erf GELU; "tanh" = GPT-2's approximation ("gelu_new")
+    family: str = "gpt2"         # "gpt2" | "llama"
+    bias: bool = True            # GPT-2: biases in every Linear and LayerNorm (Llama: none)
+    gelu: str = "none"           # GPT-2 FFN: "none" = exact erf GELU; "tanh" = GPT-2's approximation
+    n_kv_head: int = 0           # grouped-query attention: key/value heads (0 = n_head)
+    ffn_dim: int = 0             # FFN hidden width (0 = 4 * n_embd)
+    qkv_bias: bool = False       # Llama family: biases on q, k, v only (Qwen2)
+    norm_eps: float = 1e-5       # LayerNorm / RMSNorm epsilon
+    rope_theta: float = 10000.0
+    rope_scaling: dict = None    # None, or Hugging Face's {"rope_type": "llama3", "factor": ..., ...}
+    tie_embeddings: bool = True  # the output head shares the token embedding matrix
 
     def __post_init__(self):
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"GPTConfig.{name} must be a positive int, got {value!r}")
+        if self.family not in FAMILIES:
+            raise ValueError(f"family must be one of {FAMILIES}, got {self.family!r}")
         if self.n_embd % self.n_head != 0:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if self.n_kv_head == 0:
+            self.n_kv_head = self.n_head
+        if self.n_head % self.n_kv_head != 0:
+            raise ValueError(f"n_head ({self.n_head}) must be a multiple of n_kv_head ({self.n_kv_head})")
+        if self.family == "gpt2" and self.n_kv_head != self.n_head:
+            raise ValueError("grouped-query attention (n_kv_head < n_head) is a Llama-family feature")
+        if self.ffn_dim == 0:
+            self.ffn_dim = 4 * self.n_embd
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.gelu not in ("none", "tanh"):
             raise ValueError(f"gelu must be 'none' or 'tanh', got {self.gelu!r}")
+        if self.rope_scaling is not None:
+            kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
+            if kind not in ROPE_TYPES:
+                raise ValueError(f"rope scaling {kind!r} is not supported; supported: {ROPE_TYPES} "
+                                 f"(linear, dynamic and yarn scalings are not implemented)")
 
+    @property
+    def head_dim(self):
+        return self.n_embd // self.n_head
+
+
+# -----------------------------------------------------------------------------
+# the pieces of the Llama family: RMSNorm and rotary position embeddings
+
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x^2) + eps) * weight, computed in fp32 as the Llama reference does."""
+
+    def __init__(self, dim, eps=1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rope_inverse_frequencies(head_dim, theta, scaling=None):
+    """inv_freq (head_dim/2,): the rotation speed of each pair of channels, theta^(-2i/head_dim).
+    Llama-3's "llama3" scaling stretches the slow (long-wavelength) frequencies by `factor` so the
+    model reaches a longer context, keeps the fast ones, and blends linearly in between."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    kind = None if scaling is None else scaling.get("rope_type", scaling.get("type"))
+    if kind == "llama3":
+        factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_len = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        smooth = (old_len / wavelen - low) / (high - low)                      # 0 at the slow end, 1 at the fast end
+        blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+        inv_freq = torch.where(wavelen > old_len / low, inv_freq / factor,      # slow: stretched
+                               torch.where(wavelen < old_len / high, inv_freq, blended))  # fast: kept
+    return inv_freq.float()
+
+
+def apply_rope(x, cos, sin):
+    """Rotate-half RoPE as in the Hugging Face checkpoints: channel i is paired with i + hs/2.
+    x (B, nh, T, hs); cos, sin (T, hs) = cos/sin of position * inv_freq, repeated twice."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+# -----------------------------------------------------------------------------
+# the KV cache for generation
+
+class KVCache:
+    """Keys and values of every layer for the positions fed so far (gpt-fast's KVCache, one object
+    for all layers). Generation feeds the prompt once (prefill), then one token per step; each
+    attention layer writes its new k, v at positions [length, length + T) and reads [0, length + T).
+    The buffers are allocated on the first write, in the dtype the keys have (bf16 under autocast)."""
+
+    def __init__(self, n_layer, max_len):
+        self.max_len = max_len
+        self.length = 0                    # positions already cached (a host int: no GPU sync)
+        self.k = [None] * n_layer          # per layer (B, n_kv_head, max_len, hs)
+        self.v = [None] * n_layer
+
+    def update(self, layer, k, v):
+        """k, v (B, n_kv_head, T, hs) of the new positions -> all keys and values so far."""
+        start, T = self.length, k.size(2)
+        if start + T > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions; {start + T} asked")
+        if self.k[layer] is None:
+            B, nkv, _, hs = k.shape
+            self.k[layer] = k.new_zeros(B, nkv, self.max_len, hs)
+            self.v[layer] = v.new_zeros(B, nkv, self.max_len, hs)
+        self.k[layer][:, :, start:start + T] = k
+        self.v[layer][:, :, start:start + T] = v
+        return self.k[layer][:, :, :start + T], self.v[layer][:, :, :start + T]
+
+
+# -----------------------------------------------------------------------------
+# the blocks
 
 class CausalSelfAttention(nn.Module):
 
-    def __init__(self, config):
+    def __init__(self, config, layer_idx):
         super().__init__()
-        self.n_head = config.n_head
+        self.layer_idx = layer_idx
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
         self.dropout = config.dropout
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        d, hs = config.n_embd, config.head_dim
+        self.fused_qkv = config.family == "gpt2"
+        if self.fused_qkv:   # GPT-2 stores q, k, v as one (d -> 3d) projection
+            self.c_attn = nn.Linear(d, 3 * d, bias=config.bias)
+            self.c_proj = nn.Linear(d, d, bias=config.bias)
+        else:                # Llama family: separate projections, k and v with n_kv_head heads
+            self.q_proj = nn.Linear(d, config.n_head * hs, bias=config.qkv_bias)
+            self.k_proj = nn.Linear(d, config.n_kv_head * hs, bias=config.qkv_bias)
+            self.v_proj = nn.Linear(d, config.n_kv_head * hs, bias=config.qkv_bias)
+            self.o_proj = nn.Linear(config.n_head * hs, d, bias=False)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x):
+    def forward(self, x, rope=None, cache=None):
         B, T, C = x.size()
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
-                                           is_causal=True)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
-        return self.resid_dropout(self.c_proj(y))
+        nh, nkv, hs = self.n_head, self.n_kv_head, self.head_dim
+        if self.fused_qkv:
+            q, k, v = self.c_attn(x).split(C, dim=2)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(B, T, nh, hs).transpose(1, 2)    # (B, nh, T, hs)
+        k = k.view(B, T, nkv, hs).transpose(1, 2)   # (B, nkv, T, hs)
+        v = v.view(B, T, nkv, hs).transpose(1, 2)   # (B, nkv, T, hs)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        start = 0
+        if cache is not None:
+            start = cache.length
+            k, v = cache.update(self.layer_idx, k, v)   # (B, nkv, start + T, hs)
+        if nkv != nh:  # grouped-query attention: each k/v head serves nh / nkv query heads
+            k = k.repeat_interleave(nh // nkv, dim=1)
+            v = v.repeat_interleave(nh // nkv, dim=1)
+        mask, causal = None, True
+        if start > 0:  # new queries at positions start.. see every cached key up to their own position
+            causal = False
+            if T > 1:
+                mask = torch.arange(start + T, device=x.device)[None, :] <= (start + torch.arange(T, device=x.device))[:, None]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).contiguous().view(B, T, nh * hs)   # (B, T, nh * hs)
+        return self.resid_dropout(self.c_proj(y) if self.fused_qkv else self.o_proj(y))
 
 
 class MLP(nn.Module):
-    """The dense FFN: d -> 4d -> d. PESC keeps this module, frozen, inside every expert."""
+    """GPT-2's FFN: d -> 4d -> d with GELU. PESC keeps this module, frozen, inside every expert."""
 
     def __init__(self, config):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.c_fc = nn.Linear(config.n_embd, config.ffn_dim, bias=config.bias)
+        self.c_proj = nn.Linear(config.ffn_dim, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
         self.gelu = config.gelu
 
@@ -83,23 +226,53 @@ class MLP(nn.Module):
         return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate=self.gelu)))
 
 
-class Block(nn.Module):
+class SwiGLU(nn.Module):
+    """The Llama family's FFN: down(silu(gate(x)) * up(x)). In PESC the whole of it (gate, up and
+    down) is the shared, frozen expert body, as in the official Camelidae code."""
 
     def __init__(self, config):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
-        self.attn = CausalSelfAttention(config)
-        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
-        self.mlp = MLP(config)  # upcycle.py replaces this with moe.PESCMoE / moe.SparseUpcycledMoE
+        self.gate_proj = nn.Linear(config.n_embd, config.ffn_dim, bias=False)
+        self.up_proj = nn.Linear(config.n_embd, config.ffn_dim, bias=False)
+        self.down_proj = nn.Linear(config.ffn_dim, config.n_embd, bias=False)
+        self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, token_mask=None):
-        """Returns (x, aux_loss); aux_loss is None for a dense FFN."""
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x):
+        return self.dropout(self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x)))
+
+
+DENSE_FFNS = (MLP, SwiGLU)   # what block.mlp is before upcycling; anything else is an MoE layer
+
+
+class Block(nn.Module):
+
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        if config.family == "gpt2":
+            self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
+            self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
+        else:
+            self.ln_1 = RMSNorm(config.n_embd, config.norm_eps)
+            self.ln_2 = RMSNorm(config.n_embd, config.norm_eps)
+        self.attn = CausalSelfAttention(config, layer_idx)
+        self.mlp = MLP(config) if config.family == "gpt2" else SwiGLU(config)   # upcycle.py swaps it
+
+    def forward(self, x, rope=None, token_mask=None, cache=None):
+        """Returns (x, routing): routing is the MoE layer's (aux_loss, counts, indices), or None."""
+        x = x + self.attn(self.ln_1(x), rope, cache)
         h = self.ln_2(x)  # the router and the FFN both read the FFN input
-        if isinstance(self.mlp, MLP):
+        if isinstance(self.mlp, DENSE_FFNS):
             return x + self.mlp(h), None
-        y, aux_loss = self.mlp(h, token_mask)  # an MoE layer: padding tokens are kept out of its aux loss
-        return x + y, aux_loss
+        y, routing = self.mlp(h, token_mask)  # padding tokens are kept out of the aux loss and counts
+        return x + y, routing
+
+
+@dataclass
+class Routing:
+    """What the MoE layers of one forward report (see the top of this file)."""
+    aux_loss: torch.Tensor   # scalar: the sum over MoE layers of alpha * Eq. 10 (+ z-loss); part of the training loss
+    counts: torch.Tensor     # (n_moe_layers, E) int64: (token, slot) assignments per expert, real tokens only
+    indices: torch.Tensor    # (n_moe_layers, B * T, k): the experts each token was routed to
 
 
 class GPT(nn.Module):
@@ -107,20 +280,24 @@ class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config = config
-        self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(config.vocab_size, config.n_embd),
-            wpe=nn.Embedding(config.block_size, config.n_embd),
-            drop=nn.Dropout(config.dropout),
-            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
-        ))
+        modules = dict(wte=nn.Embedding(config.vocab_size, config.n_embd), drop=nn.Dropout(config.dropout),
+                       h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]))
+        if config.family == "gpt2":
+            modules["wpe"] = nn.Embedding(config.block_size, config.n_embd)
+            modules["ln_f"] = nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
+        else:
+            modules["ln_f"] = RMSNorm(config.n_embd, config.norm_eps)
+            self.register_buffer("rope_inv_freq", rope_inverse_frequencies(
+                config.head_dim, config.rope_theta, config.rope_scaling), persistent=False)
+        self.transformer = nn.ModuleDict(modules)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.transformer.wte.weight = self.lm_head.weight  # weight tying, as GPT-2
+        if config.tie_embeddings:
+            self.transformer.wte.weight = self.lm_head.weight
         self.upcycle_args = None  # set by upcycle.upcycle(); saved in checkpoints to rebuild the MoE
-        self.aux_loss = None      # the last forward's summed MoE aux loss (detached), for logging
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
-            if name.endswith("c_proj.weight"):  # GPT-2's scaled init of the residual projections
+            if name.endswith(("c_proj.weight", "o_proj.weight", "down_proj.weight")):
+                # GPT-2's scaled init of the projections that write into the residual stream
                 torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
 
     def _init_weights(self, module):
@@ -134,230 +311,108 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def forward(self, idx, targets=None, token_mask=None):
-        """idx, targets: (B, T) int64, targets == -1 is ignored (prompt and padding positions).
-        token_mask: (B, T) bool, False on padding; only real tokens count in the MoE aux losses.
-        Returns (logits, loss). With targets: logits for every position and loss = cross-entropy
-        plus the sum of the MoE layers' aux losses. Without: logits of the last position only."""
+    def rope(self, positions, dtype):
+        """(cos, sin), each (T, head_dim), for the given positions; computed in fp32, then cast."""
+        freqs = positions.float()[:, None] * self.rope_inv_freq[None, :]   # (T, hs/2)
+        emb = torch.cat((freqs, freqs), dim=-1)                           # (T, hs)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    def forward(self, idx, targets=None, token_mask=None, cache=None):
+        """idx, targets: (B, T) int64; targets == -1 is ignored (prompt and padding positions).
+        token_mask: (B, T) bool, False on padding: only real tokens count in the MoE aux loss and counts.
+        cache: a KVCache (generation); idx then holds the positions after those already cached.
+        Returns (logits, loss, routing). With targets: logits of every position and loss = mean
+        cross-entropy (the MoE aux loss is NOT in it: it is routing.aux_loss, for the caller to add).
+        Without targets: logits of the last position only and loss None. routing: see Routing."""
         B, T = idx.size()
-        if T > self.config.block_size:
-            raise ValueError(f"sequence of length {T} is longer than block_size {self.config.block_size}")
-        pos = torch.arange(0, T, dtype=torch.long, device=idx.device)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
-        aux_losses = []
+        start = cache.length if cache is not None else 0
+        if start + T > self.config.block_size:
+            raise ValueError(f"sequence of length {start + T} is longer than block_size {self.config.block_size}")
+        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)
+        x = self.transformer.wte(idx)                                    # (B, T, C)
+        rope = None
+        if self.config.family == "gpt2":
+            x = x + self.transformer.wpe(pos)
+        else:
+            rope = self.rope(pos, x.dtype if not torch.is_autocast_enabled() else torch.get_autocast_dtype(x.device.type))
+        x = self.transformer.drop(x)
+        per_layer = []
         for block in self.transformer.h:
-            x, aux = block(x, token_mask)
-            if aux is not None:
-                aux_losses.append(aux)
+            x, routing = self.run_block(block, x, rope, token_mask, cache)
+            if routing is not None:
+                per_layer.append(routing)
+        if cache is not None:
+            cache.length += T
         x = self.transformer.ln_f(x)
-        aux_total = torch.stack(aux_losses).sum() if aux_losses else None
-        self.aux_loss = aux_total.detach() if aux_total is not None else None
+        routing = None
+        if per_layer:
+            aux, counts, indices = zip(*per_layer)
+            routing = Routing(aux_loss=torch.stack(aux).sum(), counts=torch.stack(counts), indices=torch.stack(indices))
         if targets is None:
-            return self.lm_head(x[:, [-1], :]), None  # (B, 1, vocab)
-        logits = self.lm_head(x)  # (B, T, vocab)
+            return self.lm_head(x[:, [-1], :]), None, routing    # (B, 1, vocab)
+        logits = self.lm_head(x)                                   # (B, T, vocab)
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
-        if aux_total is not None:
-            loss = loss + aux_total
-        return logits, loss
+        return logits, loss, routing
+
+    gradient_checkpointing = False   # set by train.py: recompute each block's activations in backward
+
+    def run_block(self, block, x, rope, token_mask, cache):
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            # keep only the block's input; its activations are recomputed during backward
+            # (non-reentrant: works with the frozen weights and the MoE layers' extra outputs)
+            return torch.utils.checkpoint.checkpoint(block, x, rope, token_mask, cache, use_reentrant=False)
+        return block(x, rope, token_mask, cache)
 
     def moe_layers(self):
         """The MoE layers in depth order (empty for a dense model)."""
-        return [block.mlp for block in self.transformer.h if not isinstance(block.mlp, MLP)]
+        return [block.mlp for block in self.transformer.h if not isinstance(block.mlp, DENSE_FFNS)]
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, eos_id=None, n_vocab=None):
-        """Autoregressive sampling as nanoGPT (no KV cache); temperature 0 means greedy. Rows that
-        produced eos_id keep emitting it; generation stops once every row has. n_vocab: the
-        tokenizer's size; the padding ids above it (vocab_size is rounded up) are never sampled."""
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, eos_id=None, n_vocab=None, use_cache=True):
+        """Autoregressive sampling; temperature 0 means greedy. With use_cache: one prefill over the
+        prompt, then one token per step through every layer (an MoE layer routes only the new
+        token). Once the sequence outgrows block_size, every step runs on the last block_size
+        tokens without the cache, exactly as nanoGPT's crop does, so the answer never depends on
+        use_cache. Rows that produced eos_id keep emitting it; generation stops once every row has.
+        n_vocab: the tokenizer's size; ids above it (vocab_size is rounded up) are never sampled."""
+        bs = self.config.block_size
+        cache = KVCache(self.config.n_layer, min(idx.size(1) + max_new_tokens, bs)) if use_cache else None
+        logits, _, _ = self(idx[:, -bs:], cache=cache if idx.size(1) <= bs else None)
         finished = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
-        for _ in range(max_new_tokens):
-            idx_cond = idx if idx.size(1) <= self.config.block_size else idx[:, -self.config.block_size:]
-            logits, _ = self(idx_cond)
-            logits = logits[:, -1, :].float()
-            if n_vocab is not None:
-                logits[:, n_vocab:] = -float("inf")
-            if temperature == 0:
-                idx_next = logits.argmax(dim=-1, keepdim=True)
-            else:
-                logits = logits / temperature
-                if top_k is not None:
-                    v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
-                    logits[logits < v[:, [-1]]] = -float("inf")
-                idx_next = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
+        for step in range(max_new_tokens):
+            idx_next = pick_next_token(logits[:, -1, :].float(), temperature, top_k, n_vocab)
             if eos_id is not None:
                 idx_next = torch.where(finished[:, None], torch.full_like(idx_next, eos_id), idx_next)
                 finished |= idx_next[:, 0] == eos_id
             idx = torch.cat((idx, idx_next), dim=1)
-            if eos_id is not None and bool(finished.all()):
+            if step == max_new_tokens - 1 or (eos_id is not None and bool(finished.all())):
                 break
+            if cache is not None and idx.size(1) <= bs:
+                logits, _, _ = self(idx_next, cache=cache)     # only the new token
+            else:
+                cache = None
+                logits, _, _ = self(idx[:, -bs:])               # past block_size: the cropped window
         return idx
 
     @classmethod
-    def from_pretrained(cls, name_or_path, cache_dir=None, dropout=0.0):
-        """GPT-2 weights in Hugging Face layout, without transformers: a model name (downloaded
-        once into cache_dir), a local directory (config.json optional), or a weights file."""
-        state, hf_config = load_hf_gpt2_state(name_or_path, cache_dir)
-        config = gpt2_config(name_or_path, hf_config, state, dropout)
-        model = cls(config)
-        model.load_state_dict(convert_hf_gpt2_state(state, model, source=str(name_or_path)))
-        return model
+    def from_pretrained(cls, name_or_path, dtype=None, dropout=0.0, cache_dir=None):
+        """Hugging Face checkpoints without transformers: GPT-2 ("gpt2", "gpt2-medium", ...) and the
+        Llama family (a repo id such as "HuggingFaceTB/SmolLM2-135M" or "Qwen/Qwen2.5-0.5B", downloaded
+        once into the cache), a local folder, or a GPT-2 weights file. dtype: e.g. torch.bfloat16 to
+        halve the memory (default fp32). The loading code is in pretrained.py."""
+        from pretrained import load_pretrained   # here: pretrained.py imports this file
+        return load_pretrained(name_or_path, dtype=dtype, dropout=dropout, cache_dir=cache_dir)
 
 
-# -----------------------------------------------------------------------------
-# GPT-2 checkpoint loading (Hugging Face layout)
-
-GPT2_SIZES = {  # n_layer, n_head, n_embd: the four released GPT-2 models
-    "gpt2": (12, 12, 768),
-    "gpt2-medium": (24, 16, 1024),
-    "gpt2-large": (36, 20, 1280),
-    "gpt2-xl": (48, 25, 1600),
-}
-CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
-
-
-def default_cache_dir():
-    return os.environ.get("PESC_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "pesc"))
-
-
-def read_weights_file(path):
-    if path.endswith(".safetensors"):
-        try:
-            from safetensors.torch import load_file
-        except ImportError:
-            raise ImportError(f"{path} is a .safetensors file; reading it needs the optional package "
-                              f"safetensors (pip install safetensors), or use pytorch_model.bin") from None
-        return load_file(path)
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"could not read GPT-2 weights from {path}: {e}") from None
-    if not isinstance(state, dict):
-        raise ValueError(f"{path} does not hold a state dict (got {type(state).__name__})")
-    return state
-
-
-def download(url, dest):
-    """HTTPS download with a tqdm bar; written to a temporary file and renamed, so an interrupted
-    download never leaves a truncated file behind under the real name."""
-    from tqdm import tqdm
-    os.makedirs(os.path.dirname(dest), exist_ok=True)
-    tmp = dest + ".part"
-    with urllib.request.urlopen(url, timeout=30) as response, open(tmp, "wb") as f:
-        total = int(response.headers.get("Content-Length", 0)) or None
-        with tqdm(total=total, unit="B", unit_scale=True, desc=os.path.basename(dest)) as bar:
-            while chunk := response.read(1 << 20):
-                f.write(chunk)
-                bar.update(len(chunk))
-    os.replace(tmp, dest)
-
-
-def find_or_fetch_gpt2(name, cache_dir):
-    """Path of a cached weights file for a named GPT-2, downloading it when missing."""
-    folder = os.path.join(cache_dir or default_cache_dir(), name)
-    for fname in WEIGHT_FILES:
-        if os.path.isfile(os.path.join(folder, fname)):
-            return os.path.join(folder, fname)
-    fname = "model.safetensors" if has_safetensors() else "pytorch_model.bin"
-    dest = os.path.join(folder, fname)
-    url = f"https://huggingface.co/{name}/resolve/main/{fname}"
-    try:
-        download(url, dest)
-    except OSError as e:  # URLError, timeouts, DNS failure: we are offline
-        raise FileNotFoundError(
-            f"{name} weights are not cached and could not be downloaded from {url} ({e}). "
-            f"On a machine with internet, download pytorch_model.bin (or model.safetensors) from "
-            f"https://huggingface.co/{name} and put it in {folder}/ , or pass its path instead of "
-            f"the name.") from None
-    return dest
-
-
-def load_hf_gpt2_state(name_or_path, cache_dir=None):
-    """Returns (state_dict, config.json dict or None)."""
-    weights, config_path = gpt2_weights_file(name_or_path, cache_dir)
-    hf_config = None
-    if config_path and os.path.isfile(config_path):
-        with open(config_path) as f:
-            hf_config = json.load(f)
-    return read_weights_file(weights), hf_config
-
-
-def gpt2_weights_file(name_or_path, cache_dir=None):
-    """(weights file, config.json path or None) for a model name, a directory or a file."""
-    path = str(name_or_path)
-    if os.path.isdir(path):
-        readable = WEIGHT_FILES if has_safetensors() else WEIGHT_FILES[1:]
-        present = [f for f in WEIGHT_FILES if os.path.isfile(os.path.join(path, f))]
-        usable = [f for f in readable if f in present]
-        if not present:
-            raise FileNotFoundError(f"{path} holds none of {', '.join(WEIGHT_FILES)}")
-        weights = os.path.join(path, (usable or present)[0])  # a lone .safetensors explains itself below
-        config_path = os.path.join(path, "config.json")
-    elif os.path.isfile(path):
-        weights, config_path = path, os.path.join(os.path.dirname(path), "config.json")
-    elif path in GPT2_SIZES:
-        weights, config_path = find_or_fetch_gpt2(path, cache_dir), None
-    else:
-        raise FileNotFoundError(f"{path!r} is neither a file, a directory, nor one of {', '.join(GPT2_SIZES)}")
-    return weights, config_path
-
-
-def has_safetensors():
-    try:
-        import safetensors  # noqa: F401
-        return True
-    except ImportError:
-        return False
-
-
-def gpt2_config(name_or_path, hf_config, state, dropout):
-    """GPTConfig for a GPT-2 checkpoint: from the model name, config.json, or the tensor shapes."""
-    state = strip_prefix(state)
-    if "wte.weight" not in state or "wpe.weight" not in state:
-        raise ValueError(f"{name_or_path}: not a GPT-2 checkpoint (no wte.weight / wpe.weight key)")
-    vocab_size, n_embd = state["wte.weight"].shape
-    block_size = state["wpe.weight"].shape[0]
-    n_layer = 1 + max((int(k.split(".")[1]) for k in state if k.startswith("h.")), default=-1)
-    name = str(name_or_path)
-    if name in GPT2_SIZES:
-        n_head = GPT2_SIZES[name][1]
-    elif hf_config is not None and "n_head" in hf_config:
-        n_head = hf_config["n_head"]
-    else:  # every released GPT-2 uses 64-dimensional heads
-        n_head = n_embd // 64
-    return GPTConfig(block_size=block_size, vocab_size=vocab_size, n_layer=n_layer, n_head=n_head,
-                     n_embd=n_embd, dropout=dropout, bias=True, gelu="tanh")
-
-
-def strip_prefix(state):
-    # GPT2LMHeadModel saves "transformer.h.0...", GPT2Model saves "h.0..."
-    return {k.removeprefix("transformer."): v for k, v in state.items()}
-
-
-def convert_hf_gpt2_state(state, model, source="checkpoint"):
-    """Maps a Hugging Face GPT-2 state dict onto model.state_dict() keys, transposing the Conv1D
-    weights; missing keys or wrong shapes are a ValueError that names them."""
-    state = strip_prefix(state)
-    ours = model.state_dict()
-    out, problems = {}, []
-    for key, target in ours.items():
-        if key == "lm_head.weight":
-            continue  # tied to wte; filled below
-        hf_key = key.removeprefix("transformer.")
-        if hf_key not in state:
-            problems.append(f"missing key {hf_key}")
-            continue
-        tensor, expected = state[hf_key], tuple(target.shape)
-        if hf_key.endswith(CONV1D_WEIGHTS):
-            expected = expected[::-1]  # checked and reported in the file's (in, out) layout
-        if tuple(tensor.shape) != expected:
-            problems.append(f"{hf_key}: expected shape {expected}, got {tuple(tensor.shape)}")
-            continue
-        if hf_key.endswith(CONV1D_WEIGHTS):
-            tensor = tensor.t()
-        out[key] = tensor.to(target.dtype).contiguous()
-    if problems:
-        shown = "; ".join(problems[:5]) + (f"; ... ({len(problems)} problems)" if len(problems) > 5 else "")
-        raise ValueError(f"{source} does not match the GPT-2 architecture: {shown}")
-    out["lm_head.weight"] = out["transformer.wte.weight"]
-    return out
+def pick_next_token(logits, temperature, top_k, n_vocab):
+    """logits (B, vocab) fp32 -> (B, 1) next ids: greedy at temperature 0, else sampled from the
+    softmax of logits / temperature restricted to the top_k largest. Ids >= n_vocab never come out."""
+    if n_vocab is not None:
+        logits[:, n_vocab:] = -float("inf")
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits / temperature
+    if top_k is not None:
+        v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+        logits[logits < v[:, [-1]]] = -float("inf")
+    return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)

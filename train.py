@@ -1,35 +1,38 @@
 """
 The whole PESC recipe in one file: get a dense base, upcycle it, instruction-tune it, evaluate, sample.
 
-    python train.py                                  # the offline demo: ~minutes on 2 CPU cores
-    python train.py config/compare_dense.py          # a config file, then flags on top
-    python train.py --method=sparse --max_iters=300  # any global below can be overridden
+    python train.py                                  # the offline demo: minutes on 2 CPU cores
+    python train.py config/compare/common.py config/compare/adapter.py   # config files, then flags on top
+    python train.py --method=sparse --max_iters=300  # any setting below can be overridden
+    python train.py config/smollm2_pesc.py           # a Llama-family model from the Hugging Face hub
 
-Stages (each prints a progress bar):
+Stages, run in order by main():
 1. base: init_from="base" (default) loads base_ckpt, or pretrains a small dense GPT on the Python
-   documentation that ships inside CPython (pydoc_data) with a byte-level tokenizer when it is not
-   there yet; "scratch" always pretrains; "gpt2", "gpt2-medium", ... load GPT-2 weights; a path loads
-   a dense checkpoint written by this script; "resume" continues out_dir/ckpt.pt.
-2. upcycle: method="pesc" (upcycle.py), "sparse" (sparse upcycling), "adapter" (the dense baseline:
-   PESC with one expert and top-1, i.e. one adapter per FFN) or "dense" (full fine-tune, no experts).
-3. tune on the embedded instruction set (data/instruct.py) or a file (dataset=...), loss on the
-   response tokens only, AdamW with warmup + cosine decay.
-4. evaluate before and after: held-out response loss and greedy exact match per task family,
-   per-layer expert load; one JSON line per eval in out_dir/log.jsonl.
-5. print a few greedy samples of held-out prompts.
+   documentation that ships inside CPython (data/pydocs.py) when it is not there yet; "scratch"
+   always pretrains; a Hugging Face repo id ("gpt2", "HuggingFaceTB/SmolLM2-135M", "Qwen/Qwen2.5-0.5B")
+   or folder loads those weights (pretrained.py); a path to a .pt loads a full checkpoint written by
+   this script; "resume" continues out_dir/ckpt.pt.
+2. upcycle: method="pesc" (upcycle.py), "sparse" (sparse upcycling), "adapter" (the paper's dense
+   baseline: one adapter per FFN), "lora" (the paper's "Camel" baseline: LoRA only) or "full" (a full
+   fine-tune of every weight, no experts).
+3. data: the embedded instruction set (data/instruct.py), a file, a URL, or "alpaca"; loss on the
+   response tokens only.
+4. tune: AdamW, warmup + cosine; held-out response loss every eval_interval steps, one JSON line
+   per evaluation in out_dir/log.jsonl (cross-entropy and the MoE aux loss logged separately),
+   checkpoints (atomic; PESC's hold only the tuned tensors), exact resume, DDP under torchrun.
+5. report: exact match per task family before and after, a few greedy samples, out_dir/result.json.
 """
 
-import ast
-import functools
-import hashlib
 import json
 import math
 import os
 import random
+import signal
 import statistics
 import sys
 import time
 from contextlib import nullcontext
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -37,50 +40,62 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from data.instruct import (FAMILIES, collate, decode_response, encode_dataset, format_prompt, load_instruction_file,
+from checkpoint import (base_reference, build_model, make_checkpoint, read_checkpoint, rng_state, save_checkpoint,
+                        set_rng_state)
+from configurator import parse_config, settings
+from costs import mfu, training_flops_per_token
+from data.instruct import (FAMILIES, batch_at, encode_dataset, format_prompt, load_instruction_file,
                            make_instruction_set)
-from data.pydocs import BYTE_VOCAB_SIZE, encode_corpus, get_tokenizer, load_pydocs_documents, train_val_split
-from model import GPT, GPT2_SIZES, GPTConfig, gpt2_weights_file
-from upcycle import count_params, upcycle
+from data.pydocs import encode_corpus, load_pydocs_documents, pretrain_batch, train_val_split
+from evaluate import add_counts, exact_match, greedy_answers, load_summary, response_loss
+from model import GPT, GPTConfig
+from moe import check_dispatch
+from optim import lr_at, make_optimizer
+from tokenizer import byte_tokenizer, load_tokenizer
+from upcycle import RENAMED_METHODS, count_params, upcycle
 
 # -----------------------------------------------------------------------------
-# default config: the offline CPU demo. Every global here can be set by a config/*.py file or --key=value.
+# default config: the offline CPU demo. Every setting here can be set by a config/*.py file or --key=value.
 # I/O
-out_dir = "out"                 # tuned checkpoint (ckpt.pt) and log.jsonl go here
+out_dir = "out"                 # tuned checkpoint (ckpt.pt), log.jsonl and result.json go here
 base_ckpt = "out/base.pt"       # the cached pretrained base (init_from="base")
-init_from = "base"              # "base" | "scratch" | "resume" | "gpt2" | "gpt2-medium" | ... | path to a dense ckpt
-eval_interval = 200             # held-out response loss every this many tuning steps
-log_interval = 10
+init_from = "base"              # "base" | "scratch" | "resume" | a .pt base | a Hugging Face repo id or folder
+eval_interval = 200             # held-out response loss (and a checkpoint) every this many tuning steps
+log_interval = 10               # progress-bar update and the non-finite-loss check every this many steps
 eval_max_new_tokens = 16        # greedy decoding budget for exact match
 n_samples = 6                   # greedy samples printed at the end
 seed = 1337
-# base model (used when pretraining from scratch)
+# base model (pretrained from scratch when init_from is "base" or "scratch")
 n_layer = 4
 n_head = 4
 n_embd = 128
-block_size = 128
+block_size = 128                # the base's context; tuning sequences are cut to this (or the model's, if shorter)
 bias = True
-dropout = 0.0
+dropout = 0.0                   # in the model's attention and FFN outputs (also applied to a loaded base)
+load_dtype = "float32"          # Hugging Face weights loaded as "float32" or "bfloat16" (half the memory)
 # pretraining of the base (only when it is not cached)
 pretrain_iters = 600
 pretrain_batch_size = 32
 pretrain_lr = 3e-3
 # upcycling
-method = "pesc"                 # "pesc" | "sparse" | "adapter" | "dense"
+method = "pesc"                 # "pesc" | "sparse" | "adapter" | "lora" | "full"
 n_experts = 8
 top_k = 2
 adapter_dim = 32
 adapter_scale = 1.0
-adapter_dropout = 0.0
+adapter_dropout = 0.0           # inside each expert, before W_down (the official recipe: 0.1)
 layers = "all"                  # "all" | "every_other"
-lora_rank = 8                   # LoRA on the attention projections; 0 = attention stays frozen
+lora_rank = 8                   # LoRA rank; 0 = no LoRA
 lora_alpha = 16.0
-aux_loss_coef = 0.01            # alpha in Eq. 10
+lora_dropout = 0.0
+lora_targets = "attention"      # "attention" | "all" (the paper's QLoRA recipe: the FFN projections too)
+aux_loss_coef = 0.01            # alpha in Eq. 10 (the aux loss is the sum of every MoE layer's)
 z_loss_coef = 0.0
 router_jitter = 0.0
-dispatch = "dense"              # "dense" (masked matmuls / CUDA kernels) | "loop" (Mixtral style)
+dispatch = "auto"               # "auto" | "loop" | "masked" | "grouped" | "kernels" (see moe.py)
+quantize_base = False           # 4-bit NF4 frozen attention and FFN projections (QLoRA; quant.py)
 # instruction tuning
-dataset = "embedded"            # "embedded" or a path to Alpaca .json / Alpaca-or-chat .jsonl
+dataset = "embedded"            # "embedded", a .json/.jsonl file, an https URL, or "alpaca"
 n_train = 6000                  # size of the embedded instruction set
 data_seed = 1337                # the embedded set's generator seed: fixed, so runs of any seed share the data
 n_val = 300
@@ -93,421 +108,57 @@ min_lr_ratio = 0.1              # cosine decays to learning_rate * min_lr_ratio
 warmup_frac = 0.03              # the paper's 3 % warmup
 weight_decay = 0.0              # the paper uses none; only matrices would get it, never norms/biases/routers
 grad_clip = 1.0
+grad_checkpointing = False      # recompute each block's activations in backward: less memory, ~30 % more time
 # system
 device = "cuda" if torch.cuda.is_available() else "cpu"
 dtype = "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
-compile = False                 # torch.compile the model (the uncompiled module is what gets saved)
+torch_compile = False           # torch.compile the model (the uncompiled module is what gets saved)
 backend = "nccl" if torch.cuda.is_available() else "gloo"  # DDP backend under torchrun
-peak_flops = 989e12             # for MFU: H100/H200 dense bf16
+peak_flops = 0.0                # for MFU; 0 = H100/H200 dense peak for dtype (989e12 bf16, 494e12 TF32)
+print_config = False            # print the final settings (after config files and flags) and stop
 # -----------------------------------------------------------------------------
-
-def settings(scope):
-    """A script's settings: its lowercase module globals of plain types (train.py's above, sample.py's)."""
-    return {k: v for k, v in scope.items()
-            if k.islower() and not k.startswith("_") and isinstance(v, (int, float, bool, str))}
-
-
 DEFAULTS = settings(globals())   # the config above, before anything else is defined
-METHODS = ("pesc", "sparse", "adapter", "dense")
+METHODS = ("pesc", "sparse", "adapter", "lora", "full")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-def parse_config(argv, defaults):
-    """nanoGPT's configurator, strict: config files and --key=value flags may only set keys that
-    exist in `defaults`, with a value of the same type (an int is accepted for a float).
-    Returns the updated dict; raises ValueError saying what is wrong and listing the valid keys."""
-    config = dict(defaults)
-
-    def assign(key, value, source):
-        if key not in defaults:
-            raise ValueError(f"unknown config key {key!r} in {source}; valid keys: {', '.join(sorted(defaults))}")
-        want = type(defaults[key])
-        if want is float and type(value) is int:
-            value = float(value)
-        if type(value) is not want:
-            raise ValueError(f"{key} from {source} must be {want.__name__}, got {value!r} "
-                             f"({type(value).__name__}); default is {defaults[key]!r}")
-        config[key] = value
-
-    for arg in argv:
-        if not arg.startswith("--"):
-            if not os.path.isfile(arg):
-                raise ValueError(f"config file {arg!r} not found (flags look like --key=value)")
-            scope = {}
-            with open(arg) as f:
-                source = f.read()
-            try:
-                exec(source, {}, scope)  # a config file is plain Python assignments, as in nanoGPT
-            except Exception as e:
-                raise ValueError(f"config file {arg} does not run: {type(e).__name__}: {e}") from None
-            for key, value in scope.items():
-                if not key.startswith("_"):
-                    assign(key, value, arg)
-            continue
-        if "=" not in arg:
-            raise ValueError(f"flag {arg!r} must look like --key=value")
-        key, text = arg[2:].split("=", 1)
-        if key in defaults and isinstance(defaults[key], str):
-            value = text  # strings need no quotes: --init_from=gpt2
-        else:
-            try:
-                value = ast.literal_eval(text)
-            except (ValueError, SyntaxError):
-                raise ValueError(f"cannot read the value of {arg!r} (expected a Python literal)") from None
-        assign(key, value, arg)
-    return config
-
-
-# -----------------------------------------------------------------------------
-# checkpoints: written atomically; a tuned PESC/sparse/adapter checkpoint holds only the trainable
-# tensors and points at its base by path and sha256; dense checkpoints are self-contained.
-
-def file_sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def save_checkpoint(path, ckpt):
-    """Write to a temporary file in the same folder, then os.replace: a crash mid-save leaves the
-    previous checkpoint intact."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        torch.save(ckpt, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def read_checkpoint(path):
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"checkpoint {path} is truncated or corrupt and cannot be read ({type(e).__name__}: "
-                         f"{str(e)[:200]})") from None
-    if not isinstance(ckpt, dict) or "model_args" not in ckpt or "kind" not in ckpt:
-        raise ValueError(f"{path} is not a checkpoint written by train.py (no model_args/kind)")
-    return ckpt
-
-
-def trainable_state(model):
-    return {k: v for k, v in model.state_dict(keep_vars=True).items() if v.requires_grad}
-
-
-def base_reference(path, fmt):
-    """How a delta checkpoint names its base: the file, its sha256, and whether it is a checkpoint of
-    this script ("train.py") or Hugging Face GPT-2 weights ("hf")."""
-    return dict(path=os.path.abspath(path), sha256=file_sha256(path), format=fmt)
-
-
-def make_checkpoint(model, base_ref, extra):
-    """kind "dense": the full state dict. kind "delta": only the trainable tensors + the base reference."""
-    args = dict(model_args=vars(model.config).copy(), upcycle_args=model.upcycle_args, **extra)
-    if model.upcycle_args is None:
-        return dict(kind="dense", model=model.state_dict(), **args)
-    trainable = {k: v.detach() for k, v in trainable_state(model).items()}
-    return dict(kind="delta", model=trainable, base=base_ref, **args)
-
-
-def build_model(ckpt, path):
-    """Rebuilds the model a checkpoint describes: dense directly; delta = its base + upcycle + tensors."""
-    try:
-        config = GPTConfig(**ckpt["model_args"])
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{path}: model_args do not describe a GPT ({e})") from None
-    if ckpt["kind"] == "dense":
-        model = GPT(config)
-        load_state(model, ckpt["model"], path)
-        return model
-    base = ckpt["base"]
-    if not os.path.isfile(base["path"]):
-        raise FileNotFoundError(f"{path} holds only the tuned tensors: it needs its base {base['path']}, "
-                                f"which is missing; put the base back there (sha256 {base['sha256'][:12]}...)")
-    if file_sha256(base["path"]) != base["sha256"]:
-        raise ValueError(f"{path} was tuned on a base with sha256 {base['sha256'][:12]}..., but "
-                         f"{base['path']} is a different file now; restore that base or retune")
-    if base["format"] == "hf":
-        model = GPT.from_pretrained(base["path"])
-    else:
-        model = build_model(read_checkpoint(base["path"]), base["path"])
-    if architecture(vars(model.config)) != architecture(ckpt["model_args"]):
-        raise ValueError(f"{path}: its base {base['path']} has another architecture")
-    upcycle(model, **ckpt["upcycle_args"], verbose=False)
-    missing = [k for k in trainable_state(model) if k not in ckpt["model"]]
-    if missing:
-        raise ValueError(f"{path} does not match the architecture it names: missing {missing[:3]}")
-    load_state(model, ckpt["model"], path, strict=False)
-    return model
-
-
-def architecture(model_args):
-    return {k: v for k, v in model_args.items() if k != "dropout"}
-
-
-def load_state(model, state, path, strict=True):
-    try:
-        model.load_state_dict(state, strict=strict)
-    except RuntimeError as e:
-        raise ValueError(f"{path} holds weights of another architecture: {str(e)[:300]}") from None
-
-
-# -----------------------------------------------------------------------------
-# data
-
-def pretrain_batch(data, step, batch_size, block_size, seed):
-    """Random crops of the corpus; the crops depend only on (seed, step), so a rerun sees the same data."""
-    g = torch.Generator().manual_seed(seed * 1_000_003 + step)
-    ix = torch.randint(len(data) - block_size - 1, (batch_size,), generator=g)
-    x = torch.stack([torch.from_numpy(data[i:i + block_size].astype(np.int64)) for i in ix.tolist()])
-    y = torch.stack([torch.from_numpy(data[i + 1:i + 1 + block_size].astype(np.int64)) for i in ix.tolist()])
-    return x, y
-
-
-def tune_batch(encoded, step, batch_size, seed, pad_id):
-    """Epoch-wise shuffling: batch `step` is a pure function of (seed, step), so resuming is exact."""
-    n = len(encoded)
-    start = step * batch_size
-    rows = []
-    for pos in range(start, start + batch_size):
-        epoch, i = divmod(pos, n)
-        perm = epoch_permutation(n, seed, epoch)
-        rows.append(encoded[perm[i]])
-    return collate(rows, pad_id)
-
-
-@functools.lru_cache(maxsize=1)  # one epoch's order at a time; callers only read it
-def epoch_permutation(n, seed, epoch):
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed + 7919 * epoch)).tolist()
-
-
-def lr_at(step, total, peak, warmup_frac, min_ratio):
-    warmup = max(1, int(warmup_frac * total))
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress)))
-
-
-def make_optimizer(model, lr, weight_decay, device_type):
-    """Weight decay on matrices only; never on norms, biases or routers."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (decay if p.dim() >= 2 and ".router." not in name else no_decay).append(p)
-    groups = [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
-    # fused: one kernel over all tensors instead of a loop over them (PESC has many small ones); CPU too since torch 2.4
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=device_type in ("cuda", "cpu"))
-
-
-# -----------------------------------------------------------------------------
-# evaluation
-
-def add_routing_counts(total, model):
-    """total + the (n_moe_layers, E) expert counts of the model's last forward; None for a dense model."""
-    layers = model.moe_layers()
-    if not layers:
-        return total
-    counts = torch.stack([layer.last_counts.float() for layer in layers])
-    return counts if total is None else total + counts
-
-
-@torch.no_grad()
-def response_loss(model, encoded, batch_size, pad_id, device, ctx):
-    """Mean cross-entropy per response token over a split, and the summed expert counts."""
-    model.eval()
-    total, count = 0.0, 0
-    expert_counts = None
-    for i in range(0, len(encoded), batch_size):
-        idx, targets, mask = (t.to(device) for t in collate(encoded[i:i + batch_size], pad_id))
-        with ctx:
-            logits, _ = model(idx, targets, mask)
-        n = int((targets != -1).sum())
-        ce = torch.nn.functional.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1),
-                                               ignore_index=-1, reduction="sum")
-        total, count = total + float(ce), count + n
-        expert_counts = add_routing_counts(expert_counts, model)
-    model.train()
-    return total / max(count, 1), expert_counts
-
-
-@torch.no_grad()
-def greedy_answers(model, enc, examples, max_new_tokens, device, ctx, desc="generate"):
-    """Greedy responses for a list of examples. Prompts of equal token length are decoded together,
-    so no padding is ever fed to the model (GPT-2 has no padding mask)."""
-    model.eval()
-    eot = enc.eot_token
-    prompts = [enc.encode_ordinary(format_prompt(ex["instruction"], ex.get("input", ""))) for ex in examples]
-    by_length = {}
-    for i, p in enumerate(prompts):
-        by_length.setdefault(len(p), []).append(i)
-    answers = [None] * len(examples)
-    for length, rows in tqdm(sorted(by_length.items()), desc=desc, leave=False):
-        for s in range(0, len(rows), 64):
-            chunk = rows[s:s + 64]
-            idx = torch.tensor([prompts[i] for i in chunk], dtype=torch.long, device=device)
-            with ctx:
-                out = model.generate(idx, max_new_tokens, temperature=0, eos_id=eot, n_vocab=enc.n_vocab)
-            for row, i in zip(out[:, length:].tolist(), chunk):
-                answers[i] = decode_response(enc, row)
-    model.train()
-    return answers
-
-
-def exact_match(model, enc, examples, max_new_tokens, device, ctx, desc="exact match"):
-    """Greedy exact-match accuracy per task family (answers compared after stripping whitespace)."""
-    answers = greedy_answers(model, enc, examples, max_new_tokens, device, ctx, desc)
-    hits = {}
-    for ex, ans in zip(examples, answers):
-        hits.setdefault(ex["family"], []).append(ans.strip() == ex["output"].strip())
-    acc = {fam: sum(v) / len(v) for fam, v in hits.items()}
-    acc["average"] = sum(acc.values()) / len(acc)
-    return acc
-
-
-def load_summary(expert_counts):
-    """Per-layer (min share, max share) of expert assignments; perfect balance is 1/E each."""
-    if expert_counts is None:
-        return None
-    shares = expert_counts / expert_counts.sum(dim=1, keepdim=True).clamp(min=1)
-    return [(round(float(s.min()), 4), round(float(s.max()), 4)) for s in shares]
-
-
-# -----------------------------------------------------------------------------
-# stage 1: the dense base
-
-def pretrain_base(cfg, enc, device, ctx):
-    """Pretrains a small dense GPT on CPython's own documentation and saves it to base_ckpt."""
-    ids = encode_corpus(enc, load_pydocs_documents())
-    train_ids, val_ids = train_val_split(ids)
-    config = GPTConfig(block_size=cfg["block_size"], vocab_size=BYTE_VOCAB_SIZE, n_layer=cfg["n_layer"],
-                       n_head=cfg["n_head"], n_embd=cfg["n_embd"], dropout=cfg["dropout"], bias=cfg["bias"])
-    torch.manual_seed(cfg["seed"])
-    model = GPT(config).to(device)
-    print(f"pretraining a dense base on the Python docs ({len(ids):,} byte tokens): "
-          f"{count_params(model)['total']:,} parameters, {cfg['pretrain_iters']} steps")
-    opt = make_optimizer(model, cfg["pretrain_lr"], 0.1, device.split(":")[0])
-    total = cfg["pretrain_iters"]
-    bar = tqdm(range(total), desc="pretrain base")
-    for step in bar:
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, total, cfg["pretrain_lr"], 0.05, 0.1)
-        x, y = (t.to(device) for t in pretrain_batch(train_ids, step, cfg["pretrain_batch_size"],
-                                                     config.block_size, cfg["seed"]))
-        with ctx:
-            _, loss = model(x, y)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if step % 10 == 0:
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-    model.eval()
-    with torch.no_grad(), ctx:
-        vals = [model(*(t.to(device) for t in pretrain_batch(val_ids, i, 32, config.block_size, cfg["seed"] + 1)))[1]
-                for i in range(4)]
-    val = float(torch.stack(vals).mean())
-    print(f"base: held-out docs loss {val:.3f} nats/byte")
-    save_checkpoint(cfg["base_ckpt"], make_checkpoint(model.cpu(), None, dict(tokenizer="bytes", val_loss=val)))
-    print(f"saved the base to {cfg['base_ckpt']}")
-
-
-def load_tokenizer(name):
-    """get_tokenizer for the scripts: a tokenizer that cannot be fetched (GPT-2's BPE files, offline)
-    is a user error with a message saying what to do, not a traceback."""
-    try:
-        return get_tokenizer(name)
-    except RuntimeError as e:
-        raise ValueError(str(e)) from None
-
-
-def is_hf_gpt2(init):
-    return init in GPT2_SIZES or os.path.isdir(init) or init.endswith((".bin", ".safetensors"))
-
-
-def load_base(cfg, device, ctx, master):
-    """Returns (dense model on cpu, tokenizer name, base reference for the delta checkpoints)."""
-    init = cfg["init_from"]
-    if init == "scratch" or (init == "base" and not os.path.exists(cfg["base_ckpt"])):
-        if master:
-            pretrain_base(cfg, get_tokenizer("bytes"), device, ctx)
-        if dist.is_initialized():
-            dist.barrier()  # the other ranks wait for rank 0's base
-        return load_base(dict(cfg, init_from="base"), device, ctx, master)
-    if is_hf_gpt2(init):
-        weights, _ = gpt2_weights_file(init)  # downloads a named model once, with a progress bar
-        model = GPT.from_pretrained(init, dropout=cfg["dropout"])
-        return model, "gpt2", base_reference(weights, "hf")
-    path = cfg["base_ckpt"] if init == "base" else init
-    ckpt = read_checkpoint(path)
-    if ckpt["kind"] != "dense":
-        raise ValueError(f"{path} is a tuned PESC/adapter checkpoint; init_from needs a dense one "
-                         f"(use --init_from=resume to continue tuning)")
-    if init == "base":
-        wanted = dict(n_layer=cfg["n_layer"], n_head=cfg["n_head"], n_embd=cfg["n_embd"], block_size=cfg["block_size"])
-        have = {k: ckpt["model_args"][k] for k in wanted}
-        if have != wanted:
-            raise ValueError(f"the cached base {path} has {have}, but the config asks for {wanted}; use "
-                             f"--init_from=scratch to pretrain a new base, or set base_ckpt to another path")
-    if master:
-        print(f"loaded the dense base from {path}")
-    return build_model(ckpt, path), ckpt.get("tokenizer", "bytes"), base_reference(path, "train.py")
-
-
-def apply_method(model, cfg, verbose=True):
-    """Turns the dense base into what cfg["method"] tunes, in place: all of it (dense), or PESC / sparse
-    upcycling / the one-adapter baseline (PESC with one expert, top-1) with only the new parts trainable."""
-    if cfg["method"] == "dense":
-        return model.requires_grad_(True)
-    single = cfg["method"] == "adapter"
-    return upcycle(model, method="sparse" if cfg["method"] == "sparse" else "pesc",
-                   n_experts=1 if single else cfg["n_experts"], top_k=1 if single else cfg["top_k"],
-                   adapter_dim=cfg["adapter_dim"], adapter_scale=cfg["adapter_scale"],
-                   adapter_dropout=cfg["adapter_dropout"], layers=cfg["layers"], lora_rank=cfg["lora_rank"],
-                   lora_alpha=cfg["lora_alpha"], aux_loss_coef=cfg["aux_loss_coef"], z_loss_coef=cfg["z_loss_coef"],
-                   router_jitter=cfg["router_jitter"], dispatch=cfg["dispatch"], verbose=verbose)
-
-
-def setup_ddp(cfg):
-    """Under torchrun (RANK is set) start the process group as nanoGPT does. Returns (rank, world, device)."""
-    if int(os.environ.get("RANK", -1)) == -1:
-        return 0, 1, cfg["device"]
-    dist.init_process_group(backend=cfg["backend"])
-    rank, world = dist.get_rank(), dist.get_world_size()
-    device = cfg["device"]
-    if device.startswith("cuda"):
-        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-        torch.cuda.set_device(device)
-    if cfg["gradient_accumulation_steps"] % world:
-        raise ValueError(f"gradient_accumulation_steps ({cfg['gradient_accumulation_steps']}) must be a multiple "
-                         f"of the number of processes ({world}): each rank runs an equal share of the micro-steps")
-    return rank, world, device
-
-
-def all_reduce_sum(t):
-    if dist.is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t
-
-
-# -----------------------------------------------------------------------------
-
-def main(argv):
-    cfg = parse_config(argv, DEFAULTS)
+def check_settings(cfg):
+    """Settings that parse but cannot work: a clear error before anything runs."""
+    if cfg["method"] in RENAMED_METHODS:
+        raise ValueError(f"method={cfg['method']!r} was renamed: use --method={RENAMED_METHODS[cfg['method']]}")
     if cfg["method"] not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {cfg['method']!r}")
-    for key in ("max_iters", "batch_size", "gradient_accumulation_steps", "eval_interval", "pretrain_iters"):
+    for key in ("max_iters", "batch_size", "gradient_accumulation_steps", "eval_interval", "pretrain_iters",
+                "log_interval"):
         if cfg[key] <= 0:
             raise ValueError(f"{key} must be positive, got {cfg[key]}")
-    if cfg["dataset"] != "embedded" and not os.path.isfile(cfg["dataset"]):
-        raise FileNotFoundError(f"dataset file {cfg['dataset']} does not exist; give an Alpaca .json or a "
-                                f".jsonl file (Alpaca or chat records), or dataset=embedded")
-    rank, world, device = setup_ddp(cfg)
-    master = rank == 0
+    for key in ("dtype", "load_dtype"):
+        if cfg[key] == "float16":
+            raise ValueError(f"{key}=float16 needs loss scaling (a GradScaler), which train.py does not do; use "
+                             f"bfloat16 (GPUs since Ampere) or float32")
+        if cfg[key] not in DTYPES:
+            raise ValueError(f"{key} must be one of {tuple(DTYPES)}, got {cfg[key]!r}")
+    check_dispatch(cfg["dispatch"])
+    if cfg["quantize_base"] and cfg["method"] == "full":
+        raise ValueError("quantize_base=True freezes the base in 4 bits: it needs a parameter-efficient method "
+                         "(pesc, adapter, lora), not method=full")
+
+
+# -----------------------------------------------------------------------------
+# the run: process group, device, precision
+
+def setup(cfg):
+    """Under torchrun (RANK is set) start the process group as nanoGPT does; seeds, TF32, autocast."""
+    rank, world, device = 0, 1, cfg["device"]
+    if int(os.environ.get("RANK", -1)) != -1:
+        dist.init_process_group(backend=cfg["backend"])
+        rank, world = dist.get_rank(), dist.get_world_size()
+        if device.startswith("cuda"):
+            device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+            torch.cuda.set_device(device)
+        if cfg["gradient_accumulation_steps"] % world:
+            raise ValueError(f"gradient_accumulation_steps ({cfg['gradient_accumulation_steps']}) must be a multiple "
+                             f"of the number of processes ({world}): each rank runs an equal share of the micro-steps")
     device_type = device.split(":")[0]
     torch.manual_seed(cfg["seed"])
     random.seed(cfg["seed"])
@@ -515,174 +166,367 @@ def main(argv):
     if device_type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg["dtype"]]
-    ctx = nullcontext() if device_type == "cpu" or ptdtype == torch.float32 else torch.autocast(device_type, dtype=ptdtype)
-    t_start = time.time()
+    ptdtype = DTYPES[cfg["dtype"]]
+    autocast = device_type != "cpu" and ptdtype != torch.float32
     os.makedirs(cfg["out_dir"], exist_ok=True)
-    ckpt_path = os.path.join(cfg["out_dir"], "ckpt.pt")
-    say = print if master else (lambda *a, **k: None)
+    return SimpleNamespace(rank=rank, world=world, master=rank == 0, device=device, device_type=device_type,
+                           ctx=torch.autocast(device_type, dtype=ptdtype) if autocast else nullcontext(),
+                           say=print if rank == 0 else (lambda *a, **k: None), t_start=time.time(),
+                           ckpt_path=os.path.join(cfg["out_dir"], "ckpt.pt"),
+                           log_path=os.path.join(cfg["out_dir"], "log.jsonl"))
 
-    # stages 1 + 2: the dense base, then upcycling (or the state of an interrupted run)
-    resume = None
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce(t, op=None):
+    if dist.is_initialized():
+        dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
+    return t
+
+
+# -----------------------------------------------------------------------------
+# stage 1: the dense base
+
+def pretrain_base(cfg, run):
+    """Pretrains a small dense GPT on CPython's own documentation and saves it to base_ckpt."""
+    tok = byte_tokenizer()
+    ids = encode_corpus(tok, load_pydocs_documents())
+    train_ids, val_ids = train_val_split(ids)
+    config = GPTConfig(block_size=cfg["block_size"], vocab_size=64 * math.ceil(tok.n_vocab / 64), n_layer=cfg["n_layer"],
+                       n_head=cfg["n_head"], n_embd=cfg["n_embd"], dropout=cfg["dropout"], bias=cfg["bias"])
+    torch.manual_seed(cfg["seed"])
+    model = GPT(config).to(run.device)
+    print(f"pretraining a dense base on the Python docs ({len(ids):,} byte tokens): "
+          f"{count_params(model)['total']:,} parameters, {cfg['pretrain_iters']} steps")
+    opt = make_optimizer(model, cfg["pretrain_lr"], 0.1, run.device_type)
+    total = cfg["pretrain_iters"]
+    for step in (bar := tqdm(range(total), desc="pretrain base")):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, total, cfg["pretrain_lr"], 0.05, 0.1)
+        x, y = (t.to(run.device) for t in pretrain_batch(train_ids, step, cfg["pretrain_batch_size"],
+                                                         config.block_size, cfg["seed"]))
+        with run.ctx:
+            _, loss, _ = model(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    model.eval()
+    with torch.no_grad(), run.ctx:
+        vals = [model(*(t.to(run.device) for t in pretrain_batch(val_ids, i, 32, config.block_size, cfg["seed"] + 1)))[1]
+                for i in range(4)]
+    print(f"base: held-out docs loss {float(torch.stack(vals).mean()):.3f} nats/byte")
+    save_checkpoint(cfg["base_ckpt"], make_checkpoint(model.cpu(), None, dict(tokenizer=tok.spec)))
+    print(f"saved the base to {cfg['base_ckpt']}")
+
+
+def load_base(cfg, run):
+    """Returns (dense model on the CPU, tokenizer, the base reference for delta checkpoints)."""
+    init = cfg["init_from"]
+    if init == "scratch" or (init == "base" and not os.path.exists(cfg["base_ckpt"])):
+        if run.master:
+            pretrain_base(cfg, run)
+        barrier()  # the other ranks wait for rank 0's base
+        init = "base"
+    if init == "base" or init.endswith(".pt"):
+        path = cfg["base_ckpt"] if init == "base" else init
+        ckpt = read_checkpoint(path)
+        if ckpt["kind"] != "full":
+            raise ValueError(f"{path} is a tuned checkpoint; init_from needs a full one (a base, or a full "
+                             f"fine-tune); use --init_from=resume to continue tuning")
+        if init == "base":
+            wanted = {k: cfg[k] for k in ("n_layer", "n_head", "n_embd", "block_size")}
+            have = {k: ckpt["model_args"][k] for k in wanted}
+            if have != wanted:
+                raise ValueError(f"the cached base {path} has {have}, but the config asks for {wanted}; use "
+                                 f"--init_from=scratch to pretrain a new base, or set base_ckpt to another path")
+        run.say(f"loaded the dense base from {path}")
+        model = build_model(ckpt, path, dropout=cfg["dropout"])
+        return model, load_tokenizer(ckpt["tokenizer"]), base_reference(path, "train.py")
+    from pretrained import resolve, tokenizer_for   # a Hugging Face checkpoint: downloaded once if need be
+    source = resolve(init)
+    dtype = DTYPES[cfg["load_dtype"]]
+    model = GPT.from_pretrained(source, dtype=dtype if dtype != torch.float32 else None, dropout=cfg["dropout"])
+    run.say(f"loaded {init} from {source}")
+    return model, tokenizer_for(source), base_reference(source, "hf", dtype if dtype != torch.float32 else None)
+
+
+def prepare(model, cfg, verbose):
+    """Stage 2: turns the dense base into what cfg["method"] tunes, in place (upcycle.py)."""
+    if cfg["method"] == "full":
+        return model.requires_grad_(True)
+    keys = ("n_experts", "top_k", "adapter_dim", "adapter_scale", "adapter_dropout", "layers", "lora_rank",
+            "lora_alpha", "lora_dropout", "lora_targets", "aux_loss_coef", "z_loss_coef", "router_jitter",
+            "dispatch", "quantize_base")
+    return upcycle(model, cfg["method"], **{k: cfg[k] for k in keys}, verbose=verbose)
+
+
+def stage_model(cfg, run):
+    """Stages 1 + 2: the base, upcycled -- or the model of an interrupted run (init_from="resume")."""
     if cfg["init_from"] == "resume":
-        resume = read_checkpoint(ckpt_path)
+        resume = read_checkpoint(run.ckpt_path)
         if resume.get("method") != cfg["method"]:
-            raise ValueError(f"{ckpt_path} was trained with method={resume.get('method')!r}, not {cfg['method']!r}")
-        model, tok_name, base_ref = build_model(resume, ckpt_path), resume["tokenizer"], resume["base"]
-        say(f"resuming {ckpt_path} at step {resume['iter_num']}")
+            raise ValueError(f"{run.ckpt_path} was trained with method={resume.get('method')!r}, not {cfg['method']!r}")
+        model = build_model(resume, run.ckpt_path, dropout=cfg["dropout"])
+        run.say(f"resuming {run.ckpt_path} at step {resume['iter_num']}")
+        tok, base_ref = load_tokenizer(resume["tokenizer"]), resume.get("base")   # a full fine-tune has no base
     else:
-        model, tok_name, base_ref = load_base(cfg, device, ctx, master)
+        resume = None
+        model, tok, base_ref = load_base(cfg, run)
         torch.manual_seed(cfg["seed"])  # routers and adapters do not depend on how the base was made
-        apply_method(model, cfg, verbose=master)
-    torch.manual_seed(cfg["seed"] + rank)  # per-rank seed: dropout differs across ranks, data order does not
-    model.to(device)
-    enc = load_tokenizer(tok_name)
-    pad_id = eot_id = enc.eot_token
-    counts = count_params(model)
+        prepare(model, cfg, verbose=run.master)
+    model.gradient_checkpointing = cfg["grad_checkpointing"]
+    torch.manual_seed(cfg["seed"] + run.rank)  # per-rank seed: dropout differs across ranks, data order does not
+    return model.to(run.device), tok, base_ref, resume
 
-    # data: the embedded instruction set, or the user's file (10 % of it, at most n_val, held out)
+
+# -----------------------------------------------------------------------------
+# stage 3: the instruction data
+
+def stage_data(cfg, tok, model, run):
+    """The embedded instruction set, or the user's file (10 % of it, at most n_val, held out)."""
     if cfg["dataset"] == "embedded":
         split = make_instruction_set(seed=cfg["data_seed"], n_train=cfg["n_train"], n_val=cfg["n_val"])
         train_examples, val_examples = split["train"], split["val"]
     else:
-        examples = load_instruction_file(cfg["dataset"])
+        from hub import fetch_dataset   # a URL or "alpaca" is downloaded once into the cache
+        examples = load_instruction_file(fetch_dataset(cfg["dataset"]))
         random.Random(cfg["seed"]).shuffle(examples)
         n_held = max(1, min(cfg["n_val"], len(examples) // 10))
         train_examples, val_examples = examples[n_held:], examples[:n_held]
-    bs = model.config.block_size
-    train_enc = encode_dataset(enc, train_examples, bs, eot_id)
-    val_enc = encode_dataset(enc, val_examples, bs, eot_id)
-    say(f"instruction data: {len(train_enc)} train / {len(val_enc)} held-out examples "
-        f"({len(train_examples) - len(train_enc)} dropped: nothing of the response fit in block_size={bs})")
+    seq_len = min(cfg["block_size"], model.config.block_size)
+    train_enc = encode_dataset(tok, train_examples, seq_len)
+    val_enc = encode_dataset(tok, val_examples, seq_len)
+    run.say(f"instruction data: {len(train_enc)} train / {len(val_enc)} held-out examples "
+            f"({len(train_examples) - len(train_enc)} dropped: nothing of the response fit in {seq_len} tokens)")
+    return SimpleNamespace(train=train_enc, val=val_enc, val_examples=val_examples)
 
-    raw_model = model  # the module we evaluate and save: never the compiled or DDP wrapper
-    if cfg["compile"]:
+
+class Batches:
+    """Training micro-batches on the device, one ahead: when batch i is handed out, batch i + 1 is
+    built on the host and (on a GPU) pinned and queued for a non-blocking copy, so that the loop
+    never waits on a host-to-device transfer. Batch i depends only on (seed, i): see batch_at."""
+
+    def __init__(self, encoded, batch_size, seed, pad_id, device):
+        self.args, self.device, self.ahead = (encoded, batch_size, seed, pad_id), device, None
+        self.cuda = torch.device(device).type == "cuda"
+
+    def fetch(self, i):
+        host = batch_at(self.args[0], i, *self.args[1:])
+        n_real = int(host[2].sum())                      # real tokens, counted on the host copy
+        if self.cuda:
+            host = [t.pin_memory() for t in host]
+        return i, [t.to(self.device, non_blocking=self.cuda) for t in host], n_real
+
+    def get(self, i, next_i):
+        """(idx, targets, mask) of batch i on the device and its number of real tokens."""
+        got = self.ahead if self.ahead is not None and self.ahead[0] == i else self.fetch(i)
+        self.ahead = self.fetch(next_i)
+        return (*got[1], got[2])
+
+
+# -----------------------------------------------------------------------------
+# stage 4: instruction tuning
+
+def train_step(model, raw, optimizer, batches, step, cfg, run):
+    """One optimizer step over the micro-steps of this rank. Returns (cross-entropy, aux loss,
+    expert counts, padded tokens) with the losses as device tensors: nothing here waits on the GPU."""
+    accum, local_accum = cfg["gradient_accumulation_steps"], cfg["gradient_accumulation_steps"] // run.world
+    ce_sum = torch.zeros((), device=run.device)
+    aux_sum = torch.zeros((), device=run.device)
+    counts, tokens = None, 0
+    for micro in range(local_accum):
+        i = step * accum + run.rank * local_accum + micro     # the same global batches for any world size
+        idx, targets, mask, _ = batches.get(i, i + 1 if micro + 1 < local_accum else (step + 1) * accum + run.rank * local_accum)
+        if run.world > 1:
+            model.require_backward_grad_sync = micro == local_accum - 1   # all-reduce once per step
+        with run.ctx:
+            _, ce, routing = model(idx, targets, mask)
+            aux = routing.aux_loss if routing is not None else torch.zeros((), device=run.device)
+        ((ce + aux) / local_accum).backward()   # DDP averages over ranks: together a mean over all micro-steps
+        ce_sum += ce.detach() / accum
+        aux_sum += aux.detach() / accum
+        counts, tokens = add_counts(counts, routing), tokens + idx.numel()
+    if cfg["grad_clip"] > 0:
+        torch.nn.utils.clip_grad_norm_([p for p in raw.parameters() if p.requires_grad], cfg["grad_clip"])
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return ce_sum, aux_sum, counts, tokens
+
+
+def first_nonfinite(first_bad, loss, step):
+    """Device-side: the first step whose loss was NaN/inf (a large number while none was). Read only
+    on log steps, so that the loop does not wait on the GPU every step."""
+    return torch.where(torch.isfinite(loss), first_bad, torch.minimum(first_bad, torch.full_like(first_bad, step)))
+
+
+def check_finite(first_bad, run):
+    """Stops the run, naming the step, if any rank's loss went NaN/inf; nothing of that state is saved."""
+    step = int(all_reduce(first_bad.clone(), dist.ReduceOp.MIN))
+    if step < NEVER:
+        raise FloatingPointError(f"the loss is not finite (NaN or inf) at step {step}; stopped without saving "
+                                 f"this state (the last good checkpoint, if any, is {run.ckpt_path}). Lower "
+                                 f"learning_rate or check the data.")
+
+
+NEVER = 2**62
+
+
+def log_row(path, row):
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def evaluate_before(raw, tok, data, cfg, run):
+    """The base before tuning (after upcycling it computes the same function): the log's first row."""
+    open(run.log_path, "w").close()
+    val_loss, ec = response_loss(raw, data.val, cfg["batch_size"], tok.pad_id, run.device, run.ctx)
+    acc = exact_match(raw, tok, data.val_examples, cfg["eval_max_new_tokens"], run.device, run.ctx, "eval base")
+    log_row(run.log_path, dict(step=0, stage="before", val_loss=val_loss, exact_match=acc, expert_load=load_summary(ec)))
+    run.say(f"before tuning: held-out response loss {val_loss:.4f}, exact match {fmt_acc(acc)}")
+    return dict(val_loss=val_loss, exact_match=acc)
+
+
+def save(raw, optimizer, step, before, rng, base_ref, tok, cfg, run):
+    if run.master:
+        extra = dict(tokenizer=tok.spec, method=cfg["method"], iter_num=step, optimizer=optimizer.state_dict(),
+                     config=cfg, before=before, rng=rng)
+        save_checkpoint(run.ckpt_path, make_checkpoint(raw, base_ref, extra))
+
+
+def stage_tune(cfg, run, model, tok, data, base_ref, resume):
+    """Stage 4. Returns the last evaluation row and the before-tuning figures, or None when
+    interrupted (Ctrl-C saves at the end of the step under way)."""
+    raw = model  # the module we evaluate and save: never the compiled or DDP wrapper
+    if cfg["torch_compile"]:
         model = torch.compile(model)
-    if world > 1:
-        # experts that no token picked get no gradient in the loop dispatch: tell DDP to expect that
-        unused = cfg["method"] == "sparse" or cfg["dispatch"] == "loop"
-        model = DDP(model, device_ids=[torch.device(device).index] if device_type == "cuda" else None,
-                    find_unused_parameters=unused)
-    optimizer = make_optimizer(raw_model, cfg["learning_rate"], cfg["weight_decay"], device_type)
-    log_path = os.path.join(cfg["out_dir"], "log.jsonl")
-    start_step, before = 0, None
+    if run.world > 1:  # sparse upcycling's unused FFN copies get no gradient; PESC's stacked experts always do
+        model = DDP(model, device_ids=[torch.device(run.device).index] if run.device_type == "cuda" else None,
+                    find_unused_parameters=cfg["method"] == "sparse")
+    optimizer = make_optimizer(raw, cfg["learning_rate"], cfg["weight_decay"], run.device_type)
+    start, before = 0, None
     if resume is not None:
         optimizer.load_state_dict(resume["optimizer"])
-        start_step, before = resume["iter_num"], resume["before"]
-        torch.set_rng_state(resume["rng"]["torch"])
-    elif master:
-        open(log_path, "w").close()
-        val_loss, ec = response_loss(raw_model, val_enc, cfg["batch_size"], pad_id, device, ctx)
-        acc = exact_match(raw_model, enc, val_examples, cfg["eval_max_new_tokens"], device, ctx, "eval base")
-        before = dict(val_loss=val_loss, exact_match=acc)
-        log_row(log_path, dict(step=0, stage="before", val_loss=val_loss, exact_match=acc, expert_load=load_summary(ec)))
-        say(f"before tuning: held-out response loss {val_loss:.4f}, exact match {fmt_acc(acc)}")
-
-    def checkpoint(step):
-        if master:
-            extra = dict(tokenizer=tok_name, method=cfg["method"], iter_num=step, optimizer=optimizer.state_dict(),
-                         config=cfg, before=before, rng=dict(torch=torch.get_rng_state()))
-            save_checkpoint(ckpt_path, make_checkpoint(raw_model, base_ref, extra))
-
-    # stage 3: instruction tuning
-    total, decay_total = cfg["max_iters"], cfg["lr_decay_iters"] or cfg["max_iters"]
-    accum = cfg["gradient_accumulation_steps"]
-    local_accum = accum // world          # each rank runs its share of the micro-steps
-    losses, row, done = [], None, start_step  # done: optimizer steps applied to the weights
-    step_times = []                       # wall time of each training step, evaluation excluded
-    train_counts = None                   # routing counts of the training batches since the last eval
-    bar = tqdm(range(start_step, total), desc=f"tune ({cfg['method']})", initial=start_step, total=total,
-               disable=not master)
+        start, before = resume["iter_num"], resume["before"]
+        set_rng_state(resume["rng"])
+    elif run.master:
+        before = evaluate_before(raw, tok, data, cfg, run)
+    barrier()
+    loop = SimpleNamespace(step=start, last=None, step_times=[], stop=False)
+    # Ctrl-C finishes the step under way, then saves it: an interrupt in the middle of a step (say,
+    # half-way through the optimizer's update) would save weights that no step number describes.
+    # A second Ctrl-C stops at once.
+    def finish_step_then_stop(signum, frame):
+        loop.stop = True
+        signal.signal(signal.SIGINT, previous)
+        run.say("\ninterrupt: finishing this step, then saving (Ctrl-C again to stop at once, unsaved)")
+    previous = signal.signal(signal.SIGINT, finish_step_then_stop)
     try:
-        for step in bar:
-            lr = lr_at(step, decay_total, cfg["learning_rate"], cfg["warmup_frac"], cfg["min_lr_ratio"])
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            t0 = time.time()
-            step_loss = torch.zeros((), device=device)
-            tokens = 0
-            for micro in range(local_accum):
-                global_micro = step * accum + rank * local_accum + micro  # the same batches for any world size
-                batch = tune_batch(train_enc, global_micro, cfg["batch_size"], cfg["seed"], pad_id)
-                tokens += int(batch[2].sum())  # counted on the host copy: no GPU sync per micro-step
-                idx, targets, mask = (t.to(device) for t in batch)
-                if world > 1:
-                    model.require_backward_grad_sync = micro == local_accum - 1  # all-reduce once per step
-                with ctx:
-                    _, loss = model(idx, targets, mask)
-                (loss / local_accum).backward()  # DDP averages over ranks: together a mean over all micro-steps
-                step_loss += loss.detach() / accum
-                train_counts = add_routing_counts(train_counts, raw_model)
-            step_loss = float(all_reduce_sum(step_loss))
-            if not math.isfinite(step_loss):
-                raise FloatingPointError(f"the loss is {step_loss} at step {step}; stopped without saving this "
-                                         f"state (the last good checkpoint, if any, is {ckpt_path}). Lower "
-                                         f"learning_rate or check the data.")
-            if cfg["grad_clip"] > 0:
-                torch.nn.utils.clip_grad_norm_([p for p in raw_model.parameters() if p.requires_grad], cfg["grad_clip"])
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            done = step + 1
-            if device_type == "cuda":
-                torch.cuda.synchronize()
-            step_times.append(time.time() - t0)
-            losses.append(step_loss)
-            if step % cfg["log_interval"] == 0:
-                postfix = dict(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
-                if device_type == "cuda":  # MFU from the *active* parameters: what a token actually touches
-                    mfu = 6 * counts["active"] * tokens * world / step_times[-1] / cfg["peak_flops"]
-                    postfix["mfu"] = f"{100 * mfu:.1f}%"
-                bar.set_postfix(**postfix)
-            last = step + 1 == total
-            if (step + 1) % cfg["eval_interval"] == 0 or last:
-                if train_counts is not None:
-                    train_counts = all_reduce_sum(train_counts)
-                if master:
-                    val_loss, ec = response_loss(raw_model, val_enc, cfg["batch_size"], pad_id, device, ctx)
-                    aux = float(raw_model.aux_loss) if raw_model.aux_loss is not None else None
-                    row = dict(step=step + 1, stage="tune", train_loss=sum(losses) / len(losses), val_loss=val_loss,
-                               aux_loss=aux, lr=lr, expert_load=load_summary(ec),
-                               train_expert_load=load_summary(None if train_counts is None else train_counts.cpu()),
-                               elapsed_s=round(time.time() - t_start, 1))
-                    if last:
-                        row["exact_match"] = exact_match(raw_model, enc, val_examples, cfg["eval_max_new_tokens"],
-                                                         device, ctx, "eval tuned")
-                    log_row(log_path, row)
-                    tqdm.write(f"step {step + 1}: train {row['train_loss']:.4f} held-out {val_loss:.4f}"
-                               + (f" aux {aux:.4f} expert share (min, max) per layer {row['expert_load']}"
-                                  if aux is not None else ""))
-                    checkpoint(step + 1)
-                losses, train_counts = [], None
-                if dist.is_initialized():
-                    dist.barrier()
-    except KeyboardInterrupt:
-        checkpoint(done)  # a half-accumulated step is dropped; resuming redoes it from its start
-        say(f"\ninterrupted: saved step {done} to {ckpt_path}; continue with --init_from=resume")
-        return None
+        tune_loop(model, raw, optimizer, loop, before, base_ref, tok, data, cfg, run)
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    if not master:
+        signal.signal(signal.SIGINT, previous)
+    if loop.stop:
+        save(raw, optimizer, loop.step, before, rng_state(), base_ref, tok, cfg, run)
+        run.say(f"interrupted: saved step {loop.step} to {run.ckpt_path}; continue with --init_from=resume")
         return None
+    return SimpleNamespace(before=before, last=loop.last, step_times=loop.step_times)
 
-    # stages 4 + 5: the report and a few samples
-    after = row["exact_match"]
-    say(f"\nmethod {cfg['method']}: {counts['total']:,} parameters, {counts['trainable']:,} trainable, "
-        f"{counts['active']:,} active per token")
-    say(f"{'exact match':<12}{'before':>8}{'after':>8}")
+
+def tune_loop(model, raw, optimizer, loop, before, base_ref, tok, data, cfg, run):
+    total, decay_total = cfg["max_iters"], cfg["lr_decay_iters"] or cfg["max_iters"]
+    counts = count_params(raw)
+    batches = Batches(data.train, cfg["batch_size"], cfg["seed"], tok.pad_id, run.device)
+    sums = SimpleNamespace(ce=0.0, aux=0.0, counts=None, steps=0, tokens=0)
+    first_bad = torch.full((), NEVER, dtype=torch.long, device=run.device)
+    t_last, steps_timed = time.time(), 0
+    bar = tqdm(range(loop.step, total), desc=f"tune ({cfg['method']})", initial=loop.step, total=total,
+               disable=not run.master)
+    for step in bar:
+        if loop.stop:            # Ctrl-C: stop at this step boundary; stage_tune saves
+            break
+        lr = lr_at(step, decay_total, cfg["learning_rate"], cfg["warmup_frac"], cfg["min_lr_ratio"])
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        ce, aux, step_counts, tokens = train_step(model, raw, optimizer, batches, step, cfg, run)
+        first_bad = first_nonfinite(first_bad, ce + aux, step)
+        loop.step = step + 1
+        sums.ce, sums.aux, sums.steps = sums.ce + ce, sums.aux + aux, sums.steps + 1
+        if step_counts is not None:
+            sums.counts = step_counts if sums.counts is None else sums.counts + step_counts
+        sums.tokens, steps_timed = sums.tokens + tokens, steps_timed + 1
+        is_eval = (step + 1) % cfg["eval_interval"] == 0 or step + 1 == total
+        if step % cfg["log_interval"] == 0 or is_eval:
+            check_finite(first_bad, run)          # the one wait on the GPU per log_interval steps
+            if run.device_type == "cuda":
+                torch.cuda.synchronize()
+            now = time.time()
+            loop.step_times.append((now - t_last) / steps_timed)
+            postfix = dict(loss=f"{float(ce):.4f}", lr=f"{lr:.2e}")
+            if run.device_type == "cuda":   # MFU by the FLOPs a tuned token really costs (costs.py)
+                seq_len = tokens // cfg["batch_size"] // (cfg["gradient_accumulation_steps"] // run.world)
+                per_token = training_flops_per_token(counts, raw.config.n_layer, seq_len, raw.config.n_embd)
+                flops_per_s = per_token * tokens * run.world / loop.step_times[-1]
+                postfix["mfu"] = f"{100 * mfu(flops_per_s, cfg['dtype'], cfg['peak_flops']):.1f}%"
+            bar.set_postfix(**postfix)
+            t_last, steps_timed = now, 0
+        if is_eval:
+            loop.last = evaluate_and_save(raw, optimizer, step + 1, sums, lr, before, base_ref, tok, data, cfg, run, loop)
+            sums = SimpleNamespace(ce=0.0, aux=0.0, counts=None, steps=0, tokens=0)
+            t_last = time.time()   # evaluation time is not step time
+
+
+def evaluate_and_save(raw, optimizer, step, sums, lr, before, base_ref, tok, data, cfg, run, loop):
+    """Held-out loss, a log row, a checkpoint (rank 0); routing counts summed over ranks."""
+    # each rank summed ce / accum over its share of the micro-steps: the sum over ranks is the mean per step
+    train_ce = float(all_reduce(torch.as_tensor(sums.ce, device=run.device).clone())) / sums.steps
+    train_aux = float(all_reduce(torch.as_tensor(sums.aux, device=run.device).clone())) / sums.steps
+    train_counts = None if sums.counts is None else all_reduce(sums.counts).cpu()
+    row = None
+    if run.master:
+        val_loss, ec = response_loss(raw, data.val, cfg["batch_size"], tok.pad_id, run.device, run.ctx)
+        row = dict(step=step, stage="tune", train_loss=train_ce, aux_loss=train_aux if sums.counts is not None else None,
+                   val_loss=val_loss, lr=lr, expert_load=load_summary(ec), train_expert_load=load_summary(train_counts),
+                   elapsed_s=round(time.time() - run.t_start, 1))
+        if step == cfg["max_iters"]:
+            row["exact_match"] = exact_match(raw, tok, data.val_examples, cfg["eval_max_new_tokens"], run.device,
+                                             run.ctx, "eval tuned")
+        log_row(run.log_path, row)
+        tqdm.write(f"step {step}: train cross-entropy {train_ce:.4f} held-out {val_loss:.4f}"
+                   + (f" aux {train_aux:.4f} expert share (min, max) per layer {row['expert_load']}"
+                      if sums.counts is not None else ""))
+        save(raw, optimizer, step, before, rng_state(), base_ref, tok, cfg, run)
+    barrier()
+    return row
+
+
+# -----------------------------------------------------------------------------
+# stage 5: the report
+
+def stage_report(cfg, run, model, tok, data, outcome):
+    """Exact match before and after, a few samples, result.json (what compare.py reads)."""
+    before, last = outcome.before, outcome.last
+    after, counts = last["exact_match"], count_params(model)
+    run.say(f"\nmethod {cfg['method']}: {counts['total']:,} parameters, {counts['trainable']:,} trainable, "
+            f"{counts['active']:,} active per token")
+    run.say(f"{'exact match':<12}{'before':>8}{'after':>8}")
     for fam in [f for f in FAMILIES + ("file",) if f in after] + ["average"]:
-        say(f"{fam:<12}{before['exact_match'].get(fam, 0.0):>8.3f}{after[fam]:>8.3f}")
-    say(f"held-out response loss: {before['val_loss']:.4f} -> {row['val_loss']:.4f}")
-    shown = val_examples[:cfg["n_samples"]]
-    for ex, ans in zip(shown, greedy_answers(raw_model, enc, shown, cfg["eval_max_new_tokens"], device, ctx, "samples")):
-        say("-" * 60)
-        say(format_prompt(ex["instruction"], ex.get("input", "")) + ans + f"    [expected: {ex['output']}]")
-    say("-" * 60)
-    say(f"total wall time {time.time() - t_start:.0f} s; checkpoint {ckpt_path}, log {log_path}")
-    steady = step_times[len(step_times) // 10:] or step_times  # skip warm-up steps
-    result = dict(method=cfg["method"], seed=cfg["seed"], before=before, after=after, val_loss=row["val_loss"],
-                  counts=counts, step_time_s=statistics.median(steady) if steady else 0.0,  # median: robust to a busy moment
-                  checkpoint_bytes=os.path.getsize(ckpt_path), peak_memory_bytes=peak_memory(device_type))
+        run.say(f"{fam:<12}{before['exact_match'].get(fam, 0.0):>8.3f}{after[fam]:>8.3f}")
+    run.say(f"held-out response loss: {before['val_loss']:.4f} -> {last['val_loss']:.4f}")
+    shown = data.val_examples[:cfg["n_samples"]]
+    for ex, ans in zip(shown, greedy_answers(model, tok, shown, cfg["eval_max_new_tokens"], run.device, run.ctx, "samples")):
+        run.say("-" * 60)
+        run.say(format_prompt(ex["instruction"], ex.get("input", "")) + ans + f"    [expected: {ex['output']}]")
+    run.say("-" * 60)
+    run.say(f"total wall time {time.time() - run.t_start:.0f} s; checkpoint {run.ckpt_path}, log {run.log_path}")
+    steady = outcome.step_times[len(outcome.step_times) // 10:] or outcome.step_times   # skip warm-up
+    result = dict(method=cfg["method"], seed=cfg["seed"], before=before, after=after, val_loss=last["val_loss"],
+                  counts=counts, step_time_s=statistics.median(steady) if steady else 0.0,
+                  checkpoint_bytes=os.path.getsize(run.ckpt_path), peak_memory_bytes=peak_memory(run.device_type))
     with open(os.path.join(cfg["out_dir"], "result.json"), "w") as f:
         json.dump(result, f, indent=1)
     return result
@@ -696,24 +540,37 @@ def peak_memory(device_type):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def read_log(out_dir):
-    """The rows of out_dir/log.jsonl, one dict per evaluation (compare.py and the tests read them)."""
-    with open(os.path.join(out_dir, "log.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
-
-def log_row(path, row):
-    with open(path, "a") as f:
-        f.write(json.dumps(row) + "\n")
-
-
 def fmt_acc(acc):
     return ", ".join(f"{k} {v:.3f}" for k, v in acc.items())
+
+
+# -----------------------------------------------------------------------------
+
+def main(argv):
+    cfg = parse_config(argv, DEFAULTS)
+    check_settings(cfg)
+    if cfg["print_config"]:
+        print("\n".join(f"{k} = {v!r}" for k, v in cfg.items() if k != "print_config"))
+        return cfg
+    run = setup(cfg)
+    try:
+        model, tok, base_ref, resume = stage_model(cfg, run)    # stages 1 + 2
+        data = stage_data(cfg, tok, model, run)                 # stage 3
+        outcome = stage_tune(cfg, run, model, tok, data, base_ref, resume)   # stage 4
+        if outcome is None or not run.master:
+            return None
+        return stage_report(cfg, run, model, tok, data, outcome)  # stage 5
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":
     try:
         main(sys.argv[1:])
-    except (ValueError, FileNotFoundError, FloatingPointError, ImportError) as e:
+    except (ValueError, FileNotFoundError, PermissionError, FloatingPointError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)  # a user mistake or a bad file: the message says what to do
         sys.exit(1)
+    except KeyboardInterrupt:   # before tuning started (once it has, stage_tune saves and returns)
+        print("\ninterrupted before tuning started: nothing to save", file=sys.stderr)
+        sys.exit(130)

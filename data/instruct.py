@@ -11,11 +11,12 @@ are correct by construction (code answers come from evaluating the expression):
 
 Every prompt is built by format_prompt(), the one template that training,
 evaluation and sampling all share. The loss covers only the response and the
-final <|endoftext|>; prompt positions get target -1 (cross_entropy's ignore_index).
+final end-of-sequence token; prompt positions get target -1 (cross_entropy's ignore_index).
 
     python -m data.instruct    # prints a few examples and length statistics
 """
 
+import functools
 import json
 import random
 
@@ -28,10 +29,10 @@ IGNORE = -1  # target value that F.cross_entropy(..., ignore_index=-1) skips
 # -----------------------------------------------------------------------------
 # the prompt template
 
-def format_prompt(instruction, input=""):
-    """The prompt the model sees; the response text follows it directly."""
-    if input:
-        return f"### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+def format_prompt(instruction, inp=""):
+    """The prompt the model sees (Alpaca's template); the response text follows it directly."""
+    if inp:
+        return f"### Instruction:\n{instruction}\n\n### Input:\n{inp}\n\n### Response:\n"
     return f"### Instruction:\n{instruction}\n\n### Response:\n"
 
 
@@ -304,19 +305,26 @@ def load_instruction_file(path):
 
 
 # -----------------------------------------------------------------------------
-# tokenizing and batching
+# tokenizing and batching (tok: a tokenizer.Tokenizer)
 
-def encode_example(enc, ex, block_size, eot_id):
+def prompt_ids(tok, ex):
+    """The token ids of an example's prompt, as training, evaluation and sampling all see it: the
+    tokenizer's BOS first when its model was trained with one (Llama-3), then the template."""
+    bos = [] if tok.bos_id is None else [tok.bos_id]
+    return bos + tok.encode(format_prompt(ex["instruction"], ex.get("input", "")))
+
+
+def encode_example(tok, ex, block_size):
     """One example -> (ids, targets) for next-token training, or None if nothing is left.
 
-    tokens = prompt + response + [EOT]; ids = tokens[:-1], targets = tokens[1:].
+    tokens = prompt + response + [EOS]; ids = tokens[:-1], targets = tokens[1:].
     Targets that would predict a prompt token are IGNORE, so the loss is over the
-    response and the EOT only. Prompt and response are encoded separately, the
-    same way sampling encodes the prompt and then generates.
+    response and the EOS only: the model learns to end its answer with EOS. Prompt and
+    response are encoded separately, the same way sampling encodes the prompt and then generates.
     """
-    prompt = enc.encode_ordinary(format_prompt(ex["instruction"], ex.get("input", "")))
-    response = enc.encode_ordinary(ex["output"])
-    tokens = prompt + response + [eot_id]
+    prompt = prompt_ids(tok, ex)
+    response = tok.encode(ex["output"])
+    tokens = prompt + response + [tok.eos_id]
     ids, targets = tokens[:-1], tokens[1:]
     # targets[j] predicts tokens[j + 1], a prompt token while j + 1 < len(prompt)
     targets[:len(prompt) - 1] = [IGNORE] * (len(prompt) - 1)
@@ -326,16 +334,16 @@ def encode_example(enc, ex, block_size, eot_id):
     return ids, targets
 
 
-def decode_response(enc, ids):
-    """Generated token ids -> the response text: everything before the first EOT."""
-    return enc.decode(ids[:ids.index(enc.eot_token)] if enc.eot_token in ids else ids)
+def decode_response(tok, ids):
+    """Generated token ids -> the response text: everything before the first EOS."""
+    return tok.decode(ids[:ids.index(tok.eos_id)] if tok.eos_id in ids else ids)
 
 
-def encode_dataset(enc, examples, block_size, eot_id):
+def encode_dataset(tok, examples, block_size):
     """Encode every example, dropping those truncated to no response at all."""
     if not examples:
         raise ValueError("no examples to encode")
-    encoded = [encode_example(enc, ex, block_size, eot_id) for ex in examples]
+    encoded = [encode_example(tok, ex, block_size) for ex in examples]
     kept = [e for e in encoded if e is not None]
     if not kept:
         raise ValueError(f"all {len(examples)} examples were truncated away at "
@@ -356,6 +364,22 @@ def collate(batch, pad_id):
         targets[b, :n] = torch.tensor(tgt, dtype=torch.long)
         token_mask[b, :n] = True
     return idx, targets, token_mask
+
+
+def batch_at(encoded, step, batch_size, seed, pad_id):
+    """Training batch number `step`: epoch-wise shuffling, a pure function of (seed, step), so that
+    resuming (and any number of DDP ranks) sees exactly the same batches."""
+    n = len(encoded)
+    rows = []
+    for pos in range(step * batch_size, (step + 1) * batch_size):
+        epoch, i = divmod(pos, n)
+        rows.append(encoded[epoch_permutation(n, seed, epoch)[i]])
+    return collate(rows, pad_id)
+
+
+@functools.lru_cache(maxsize=2)  # the current epoch's order and the next one's; callers only read it
+def epoch_permutation(n, seed, epoch):
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed + 7919 * epoch)).tolist()
 
 
 if __name__ == "__main__":

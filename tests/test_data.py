@@ -5,17 +5,20 @@ batching, the byte tokenizer and the instruction-file loaders. CPU only, fast.
     python -m pytest tests/test_data.py -q
 """
 
+import copy
 import json
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 
-from data.instruct import (FAMILIES, collate, encode_dataset, encode_example, format_prompt,
-                           load_instruction_file, make_instruction_set)
-from data.pydocs import (BYTE_VOCAB_SIZE, byte_tokenizer, encode_corpus, get_tokenizer,
-                         load_pydocs_documents, train_val_split)
+from data.instruct import (FAMILIES, batch_at, collate, encode_dataset, encode_example, format_prompt,
+                           load_instruction_file, make_instruction_set, prompt_ids)
+from data.pydocs import encode_corpus, load_pydocs_documents, pretrain_batch, train_val_split
+from tokenizer import byte_tokenizer
 
 EOT_ID = 256
 
@@ -60,13 +63,19 @@ def test_val_set_does_not_depend_on_train_size(data):
     assert make_instruction_set(n_train=600)["val"] == data["val"]
 
 
-def test_code_answers_equal_eval_of_their_expression(data):
+def test_code_answers_are_what_python_prints(data):
+    """The generator computes answers with a restricted eval(); the claim in the prompt is "what does
+    this print": so run every expression through a real `python -c print(...)` and compare."""
     code = [ex for ex in data["train"] + data["val"] if ex["family"] == "code"]
     assert len(code) == 2100
+    exprs = []
     for ex in code:
         m = re.fullmatch(r"What does this Python code print\? print\((.*)\)", ex["instruction"])
         assert m, ex["instruction"]
-        assert str(eval(m.group(1))) == ex["output"], ex
+        exprs.append(m.group(1))
+    program = "\n".join(f"print({e})" for e in exprs)
+    printed = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, check=True).stdout
+    assert printed.splitlines() == [ex["output"] for ex in code]
 
 
 def solve_word_problem(text):
@@ -108,7 +117,7 @@ def test_general_answers_spot_check(data):
 
 def test_examples_are_short(data, enc):
     for ex in data["train"] + data["val"]:
-        ids, targets = encode_example(enc, ex, 10_000, EOT_ID)
+        ids, targets = encode_example(enc, ex, 10_000)
         assert len(ids) + 1 <= 128  # prompt + response + EOT
 
 
@@ -117,9 +126,9 @@ def test_examples_are_short(data, enc):
 
 def test_response_mask_covers_exactly_response_and_eot(data, enc):
     for ex in data["val"][:50] + [dict(instruction="Say hi.", input="to Ünïcode ☃", output="hé ☃")]:
-        ids, targets = encode_example(enc, ex, 256, EOT_ID)
-        prompt = enc.encode_ordinary(format_prompt(ex["instruction"], ex.get("input", "")))
-        assert len(ids) == len(targets) == len(prompt) + len(enc.encode_ordinary(ex["output"]))
+        ids, targets = encode_example(enc, ex, 256)
+        prompt = list(format_prompt(ex["instruction"], ex.get("input", "")).encode("utf-8"))   # bytes = ids
+        assert len(ids) == len(targets) == len(prompt) + len(ex["output"].encode("utf-8"))
         assert ids[:len(prompt)] == prompt
         assert all(t == -1 for t in targets[:len(prompt) - 1])
         kept = [t for t in targets if t != -1]
@@ -132,10 +141,10 @@ def test_response_mask_covers_exactly_response_and_eot(data, enc):
 def test_truncation_from_the_right(enc):
     ex = dict(instruction="x" * 20, input="", output="abcdef")
     n_prompt = len(format_prompt("x" * 20))
-    ids, targets = encode_example(enc, ex, n_prompt + 2, EOT_ID)
+    ids, targets = encode_example(enc, ex, n_prompt + 2)
     assert len(ids) == len(targets) == n_prompt + 2
     assert enc.decode([t for t in targets if t != -1]) == "abc"
-    assert encode_example(enc, ex, n_prompt - 1, EOT_ID) is None  # only prompt targets left
+    assert encode_example(enc, ex, n_prompt - 1) is None  # only prompt targets left
 
 
 def test_collate_pads_right_and_masks(enc):
@@ -150,39 +159,35 @@ def test_collate_pads_right_and_masks(enc):
 def test_encode_dataset_drops_truncated_and_errors_when_all_dropped(enc):
     short = dict(instruction="hi", input="", output="yo")
     long = dict(instruction="h" * 200, input="", output="yo")
-    assert len(encode_dataset(enc, [short, long], 64, EOT_ID)) == 1
+    assert len(encode_dataset(enc, [short, long], 64)) == 1
     with pytest.raises(ValueError, match="all 2 examples were truncated away.*block_size"):
-        encode_dataset(enc, [long, long], 64, EOT_ID)
+        encode_dataset(enc, [long, long], 64)
     with pytest.raises(ValueError):
-        encode_dataset(enc, [], 64, EOT_ID)
+        encode_dataset(enc, [], 64)
+
+
+def test_batches_are_a_function_of_seed_and_step_and_cover_each_epoch(enc):
+    """batch_at: every example once per epoch, in an order that depends on the seed only."""
+    encoded = [([i, i], [i, i]) for i in range(10)]
+    rows = [batch_at(encoded, step, 5, 7, 0)[0][:, 0].tolist() for step in range(4)]   # 2 epochs of 2 batches
+    assert sorted(rows[0] + rows[1]) == list(range(10)) and sorted(rows[2] + rows[3]) == list(range(10))
+    assert rows[0] + rows[1] != rows[2] + rows[3]                     # a new order each epoch
+    assert batch_at(encoded, 3, 5, 7, 0)[0][:, 0].tolist() == rows[3]  # the same batch whenever asked
+    assert batch_at(encoded, 0, 5, 8, 0)[0][:, 0].tolist() != rows[0]  # another seed, another order
+
+
+def test_prompt_ids_start_with_bos_when_the_tokenizer_has_one(enc):
+    ex = dict(instruction="hi", input="")
+    assert prompt_ids(enc, ex) == list(format_prompt("hi").encode())
+    with_bos = copy.copy(enc)
+    with_bos.bos_id = 300
+    assert prompt_ids(with_bos, ex) == [300] + list(format_prompt("hi").encode())
+    ids, targets = encode_example(with_bos, dict(ex, output="yo"), 64)
+    assert ids[0] == 300 and targets[-1] == EOT_ID
 
 
 # -----------------------------------------------------------------------------
 # tokenizer and corpus
-
-def test_byte_tokenizer_round_trips_unicode(enc):
-    text = "héllo wörld ☃ 日本語 🐍 \x00\n\t<|endoftext|> 'll ve"
-    ids = enc.encode_ordinary(text)
-    assert ids == list(text.encode("utf-8"))
-    assert enc.decode(ids) == text
-    assert enc.n_vocab == 257 and enc.eot_token == EOT_ID
-    assert enc.encode("<|endoftext|>", allowed_special="all") == [EOT_ID]
-    assert BYTE_VOCAB_SIZE == 320 and BYTE_VOCAB_SIZE % 64 == 0 and BYTE_VOCAB_SIZE >= enc.n_vocab
-
-
-def test_get_tokenizer_names():
-    assert get_tokenizer("bytes").name == "bytes"
-    with pytest.raises(ValueError, match="bytes.*gpt2"):
-        get_tokenizer("nope")
-
-
-def test_gpt2_failure_explains_the_cache(monkeypatch):
-    def offline(name):
-        raise ConnectionError("no network")
-    monkeypatch.setattr("tiktoken.get_encoding", offline)
-    with pytest.raises(RuntimeError, match="GPT-2 BPE files.*TIKTOKEN_CACHE_DIR"):
-        get_tokenizer("gpt2")
-
 
 def test_pydocs_corpus(enc):
     docs = load_pydocs_documents()
@@ -191,10 +196,13 @@ def test_pydocs_corpus(enc):
     assert ids.dtype == np.uint16
     # each document is followed by EOT, so the base learns what EOT means
     first = len(docs[0].encode("utf-8"))
-    assert ids[first] == enc.eot_token and ids[-1] == enc.eot_token
+    assert ids[first] == EOT_ID and ids[-1] == EOT_ID
     assert enc.decode(ids[:first].tolist()) == docs[0]
     train, val = train_val_split(ids, 0.1)
     assert len(val) == int(len(ids) * 0.1) and np.array_equal(np.concatenate([train, val]), ids)
+    x, y = pretrain_batch(train, 3, 4, 16, 1)
+    assert x.shape == y.shape == (4, 16) and torch.equal(x[:, 1:], y[:, :-1])   # y is x shifted by one
+    assert torch.equal(pretrain_batch(train, 3, 4, 16, 1)[0], x)                # a function of (seed, step)
 
 
 # -----------------------------------------------------------------------------
@@ -280,12 +288,12 @@ def test_unknown_extension(tmp_path):
 
 
 def test_scripts_turn_an_unfetchable_tokenizer_into_a_user_error(monkeypatch):
-    """train.py and sample.py both load tokenizers through train.load_tokenizer: offline, GPT-2's BPE
-    files are a ValueError with the same advice (printed as 'error: ...'), not a traceback."""
-    import train
+    """Offline, tiktoken's GPT-2 BPE files are a ValueError with advice (the scripts print it as
+    'error: ...'), not a traceback."""
+    from tokenizer import load_tokenizer
 
     def offline(name):
         raise ConnectionError("no network")
     monkeypatch.setattr("tiktoken.get_encoding", offline)
-    with pytest.raises(ValueError, match="GPT-2 BPE files.*TIKTOKEN_CACHE_DIR"):
-        train.load_tokenizer("gpt2")
+    with pytest.raises(ValueError, match="TIKTOKEN_CACHE_DIR"):
+        load_tokenizer(dict(kind="gpt2"))

@@ -1,8 +1,9 @@
 """
-Tests for GPT.from_pretrained: small random checkpoints in the Hugging Face GPT-2 layout are written
-to a temporary directory, loaded, and checked against a reference forward pass written here from
-the raw tensors with plain torch ops (no code shared with model.py). Also the loader's errors.
-CPU only, no network, a few seconds.
+Tests for GPT.from_pretrained on GPT-2: small random checkpoints in the Hugging Face GPT-2 layout are
+written to a temporary directory (pytorch_model.bin, or model.safetensors written byte by byte here
+and by the safetensors package where installed), loaded, and checked against a reference forward
+pass written here from the raw tensors with plain torch ops (no code shared with model.py). Also the
+loader's errors and the named-model cache. CPU only, no network (a closed port on 127.0.0.1), seconds.
 
     python -m pytest tests/test_gpt2_loader.py -q
 """
@@ -11,13 +12,11 @@ import json
 import math
 import os
 import socket
-import urllib.error
-import urllib.request
+import struct
 
 import pytest
 import torch
 
-import model as model_module
 from model import GPT
 
 SIZES = dict(n_layer=2, n_head=4, n_embd=32, n_positions=12, vocab_size=50)
@@ -106,12 +105,12 @@ def check_against_reference(model, state, n_head, vocab_size, block_size):
     g = torch.Generator().manual_seed(1)
     idx = torch.randint(vocab_size, (2, block_size), generator=g)
     with torch.no_grad():
-        logits, _ = model(idx, idx)  # with targets: the logits of every position
+        logits, _, _ = model(idx, idx)  # with targets: the logits of every position
     reference = reference_logits(state, idx, n_head)
     assert reference.std().item() > 0.5  # logits of order one: 1e-5 is a real bound
     assert (logits.double() - reference).abs().max().item() <= 1e-5
-    return reference
     assert model.lm_head.weight is model.transformer.wte.weight  # still tied after loading
+    return reference
 
 
 # -----------------------------------------------------------------------------
@@ -150,23 +149,42 @@ def test_single_weights_file_reads_config_next_to_it(tmp_path):
     check_against_reference(model, state, 4, 50, 12)
 
 
-def test_safetensors(tmp_path):
+def write_safetensors(path, state):
+    """The safetensors layout by hand: 8-byte little-endian header length, a JSON header of dtypes,
+    shapes and byte offsets, then the raw little-endian bytes."""
+    header, blobs, offset = {}, [], 0
+    for name, tensor in state.items():
+        data = tensor.contiguous().numpy().astype("<f4").tobytes()
+        header[name] = dict(dtype="F32", shape=list(tensor.shape), data_offsets=[offset, offset + len(data)])
+        blobs.append(data)
+        offset += len(data)
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(text)) + text + b"".join(blobs))
+
+
+def test_safetensors_written_by_hand(tmp_path):
+    state = {k: v for k, v in hf_gpt2_state(**SIZES, seed=5).items() if not k.endswith((".attn.bias", ".attn.masked_bias"))}
+    write_config(tmp_path)
+    write_safetensors(tmp_path / "model.safetensors", state)
+    check_against_reference(GPT.from_pretrained(tmp_path), state, 4, 50, 12)
+
+
+def test_safetensors_written_by_the_package(tmp_path):
     safetensors_torch = pytest.importorskip(
-        "safetensors.torch", reason="safetensors is not installed (optional): model.safetensors not tested")
-    state = hf_gpt2_state(**SIZES, seed=5)
-    state = {k: v.contiguous() for k, v in state.items()}
+        "safetensors.torch", reason="safetensors is not installed (optional): the cross-check is skipped")
+    state = {k: v.contiguous() for k, v in hf_gpt2_state(**SIZES, seed=5).items()}
     write_config(tmp_path)
     safetensors_torch.save_file(state, str(tmp_path / "model.safetensors"))
-    model = GPT.from_pretrained(tmp_path)
-    check_against_reference(model, state, 4, 50, 12)
+    check_against_reference(GPT.from_pretrained(tmp_path), state, 4, 50, 12)
 
 
-def test_safetensors_without_the_package_explains(tmp_path):
-    if model_module.has_safetensors():
-        pytest.skip("safetensors is installed: the missing-package message cannot be shown")
-    (tmp_path / "model.safetensors").write_bytes(b"not read")
-    with pytest.raises(ImportError, match="pip install safetensors"):
-        GPT.from_pretrained(tmp_path)
+def test_safetensors_preferred_over_bin_in_a_folder(tmp_path):
+    good = {k: v for k, v in hf_gpt2_state(**SIZES, seed=7).items() if not k.endswith((".attn.bias", ".attn.masked_bias"))}
+    write_checkpoint(tmp_path, hf_gpt2_state(**SIZES, seed=8))          # a different .bin next to it
+    write_safetensors(tmp_path / "model.safetensors", good)
+    check_against_reference(GPT.from_pretrained(tmp_path), good, 4, 50, 12)
 
 
 # -----------------------------------------------------------------------------
@@ -196,44 +214,57 @@ def test_wrong_shape_is_named(tmp_path, key, bad_shape, expected_shape):
 
 
 def test_nonexistent_path(tmp_path):
-    with pytest.raises(FileNotFoundError, match="neither a file, a directory"):
+    with pytest.raises(FileNotFoundError, match="neither a file, a folder"):
         GPT.from_pretrained(tmp_path / "no-such-model")
-    with pytest.raises(FileNotFoundError, match="holds none of"):
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
         GPT.from_pretrained(tmp_path)  # an existing directory without weights
 
 
 def test_unreadable_file(tmp_path):
     (tmp_path / "pytorch_model.bin").write_bytes(b"this is not a checkpoint")
-    with pytest.raises(ValueError, match="could not read GPT-2 weights"):
+    with pytest.raises(ValueError, match="pytorch_model.bin"):
         GPT.from_pretrained(tmp_path)
 
 
-def offline(*args, **kwargs):
-    """What urllib raises on a machine without a network (DNS failure)."""
-    raise urllib.error.URLError(socket.gaierror(-3, "Temporary failure in name resolution"))
+def closed_port():
+    """A port on 127.0.0.1 where nothing listens: what a download meets on a machine without a network."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
-def test_named_model_offline_says_where_to_put_the_file(tmp_path, monkeypatch):
-    # PESC_CACHE keeps the real cache untouched; urlopen is made to fail as it does offline, so this
-    # never downloads GPT-2's 500 MB even where a network happens to be reachable.
+def test_named_model_offline_says_where_to_put_the_files(tmp_path, monkeypatch):
     monkeypatch.setenv("PESC_CACHE", str(tmp_path))
-    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{closed_port()}")
     with pytest.raises(FileNotFoundError) as info:
         GPT.from_pretrained("gpt2")
     message = str(info.value)
     folder = os.path.join(str(tmp_path), "gpt2")
-    assert "not cached" in message and folder in message and "pytorch_model.bin" in message, message
-    assert "https://huggingface.co/gpt2" in message
-    assert not any(files for _, _, files in os.walk(tmp_path))  # no partial download left behind
+    assert folder in message and "config.json" in message, message
+    assert not any(f for _, _, files in os.walk(tmp_path) for f in files if not f.endswith(".part"))
 
 
 def test_named_model_from_cache(tmp_path, monkeypatch):
-    # a cached "gpt2" is used without the network; its n_head (12) comes from the model name
+    """A cached "gpt2" (config.json and weights in $PESC_CACHE/gpt2) loads without any network;
+    its n_head (12) comes from the model name."""
     monkeypatch.setenv("PESC_CACHE", str(tmp_path))
-    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{closed_port()}")
     sizes = dict(n_layer=1, n_head=12, n_embd=24, n_positions=6, vocab_size=30)
     state = hf_gpt2_state(**sizes, seed=6)
-    write_checkpoint(tmp_path / "gpt2", state, sizes, config=False)
+    write_checkpoint(tmp_path / "gpt2", state, sizes)
+    with open(tmp_path / "gpt2" / "config.json", "w") as f:   # a config without n_head
+        json.dump(dict(model_type="gpt2", n_layer=1, n_embd=24), f)
     model = GPT.from_pretrained("gpt2")
     assert model.config.n_head == 12
     check_against_reference(model, state, 12, 30, 6)
+
+
+def test_bf16_loading_halves_the_weights(tmp_path):
+    state = hf_gpt2_state(**SIZES, seed=9)
+    write_checkpoint(tmp_path, state)
+    model = GPT.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    with torch.no_grad():
+        logits, _, _ = model(torch.arange(12)[None] % 50)
+    reference = reference_logits(state, torch.arange(12)[None] % 50, 4)[:, -1:]
+    assert (logits.double() - reference).abs().max().item() < 0.2 * reference.abs().max().item()

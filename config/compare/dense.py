@@ -1,2 +1,0 @@
-# Dense baseline: full fine-tune of every weight, no experts.
-method = "dense"

@@ -1,0 +1,2 @@
+# Full fine-tune of every weight, no experts (an upper reference, not a parameter-efficient method).
+method = "full"

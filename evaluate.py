@@ -1,0 +1,84 @@
+"""
+Evaluation on a held-out instruction split: response loss, greedy answers and exact match, and the
+expert load (how the router spreads the assignments). Used by train.py, compare.py and the tests.
+
+    loss, counts = response_loss(model, encoded, batch_size=32, pad_id=tok.pad_id, device="cpu", ctx=nullcontext())
+    accuracy = exact_match(model, tok, examples, max_new_tokens=16, device="cpu", ctx=nullcontext())
+"""
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from data.instruct import IGNORE, collate, decode_response, prompt_ids
+
+
+def add_counts(total, routing):
+    """total + the (n_moe_layers, E) expert counts of one forward's routing; None without MoE layers."""
+    if routing is None:
+        return total
+    counts = routing.counts.float()
+    return counts if total is None else total + counts
+
+
+@torch.no_grad()
+def response_loss(model, encoded, batch_size, pad_id, device, ctx):
+    """Mean cross-entropy per response token over a split (prompt and padding positions excluded),
+    and the expert counts summed over its real tokens."""
+    was_training = model.training
+    model.eval()
+    total = torch.zeros((), device=device, dtype=torch.float64)
+    count, expert_counts = 0, None
+    for i in range(0, len(encoded), batch_size):
+        idx, targets, mask = (t.to(device) for t in collate(encoded[i:i + batch_size], pad_id))
+        with ctx:
+            logits, _, routing = model(idx, targets, mask)
+        total += F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1),
+                                 ignore_index=IGNORE, reduction="sum")
+        count += sum(sum(t != IGNORE for t in tgt) for _, tgt in encoded[i:i + batch_size])  # on the host
+        expert_counts = add_counts(expert_counts, routing)
+    model.train(was_training)
+    return float(total) / max(count, 1), expert_counts
+
+
+@torch.no_grad()
+def greedy_answers(model, tok, examples, max_new_tokens, device, ctx, desc="generate"):
+    """Greedy responses (with the KV cache) for a list of examples. Prompts of equal token length are
+    decoded together, so no padding is ever fed to the model."""
+    was_training = model.training
+    model.eval()
+    prompts = [prompt_ids(tok, ex) for ex in examples]
+    by_length = {}
+    for i, p in enumerate(prompts):
+        by_length.setdefault(len(p), []).append(i)
+    answers = [None] * len(examples)
+    for length, rows in tqdm(sorted(by_length.items()), desc=desc, leave=False):
+        for s in range(0, len(rows), 64):
+            chunk = rows[s:s + 64]
+            idx = torch.tensor([prompts[i] for i in chunk], dtype=torch.long, device=device)
+            with ctx:
+                out = model.generate(idx, max_new_tokens, temperature=0, eos_id=tok.eos_id, n_vocab=tok.n_vocab)
+            for row, i in zip(out[:, length:].tolist(), chunk):
+                answers[i] = decode_response(tok, row)
+    model.train(was_training)
+    return answers
+
+
+def exact_match(model, tok, examples, max_new_tokens, device, ctx, desc="exact match"):
+    """Greedy exact-match accuracy per task family and their average (answers compared after
+    stripping whitespace)."""
+    answers = greedy_answers(model, tok, examples, max_new_tokens, device, ctx, desc)
+    hits = {}
+    for ex, ans in zip(examples, answers):
+        hits.setdefault(ex["family"], []).append(ans.strip() == ex["output"].strip())
+    acc = {fam: sum(v) / len(v) for fam, v in hits.items()}
+    acc["average"] = sum(acc.values()) / len(acc)
+    return acc
+
+
+def load_summary(expert_counts):
+    """Per-layer (min share, max share) of expert assignments; perfect balance is 1/E each."""
+    if expert_counts is None:
+        return None
+    shares = expert_counts / expert_counts.sum(dim=1, keepdim=True).clamp(min=1)
+    return [(round(float(s.min()), 4), round(float(s.max()), 4)) for s in shares]

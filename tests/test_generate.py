@@ -1,0 +1,128 @@
+"""
+Generation with the KV cache: the same answers as recomputing the whole prefix every step, for every
+method and both families, also past block_size; chunked prefill; MoE layers route only the new token.
+
+    python -m pytest tests/test_generate.py -q
+"""
+
+import copy
+
+import pytest
+import torch
+
+from model import GPT, GPTConfig, KVCache, pick_next_token
+from upcycle import upcycle
+
+V, T = 64, 24
+
+
+def config(family, **overrides):
+    base = dict(block_size=T, vocab_size=V, n_layer=2, n_head=4, n_embd=32)
+    if family == "llama":
+        base.update(family="llama", n_kv_head=2, ffn_dim=48, bias=False, qkv_bias=True, tie_embeddings=False,
+                    rope_theta=100.0, rope_scaling=dict(rope_type="llama3", factor=4.0, low_freq_factor=1.0,
+                                                        high_freq_factor=2.0, original_max_position_embeddings=8))
+    return GPTConfig(**dict(base, **overrides))
+
+
+@torch.no_grad()
+def trained_model(family, method, seed=0):
+    """A model with order-one weights, upcycled by `method`, its new weights non-zero as after training."""
+    torch.manual_seed(seed)
+    model = GPT(config(family))
+    for name, p in model.named_parameters():
+        if p.dim() > 1:
+            p.normal_(0.0, 0.3)
+        else:   # norms' gains around 1, biases around 0
+            p.normal_(1.0, 0.1) if "ln" in name and name.endswith("weight") else p.normal_(0.0, 0.1)
+    if method != "full":
+        upcycle(model, method, n_experts=4, top_k=2, adapter_dim=4, lora_rank=2, lora_targets="all" if method in
+                ("lora", "pesc") else "attention", verbose=False)
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                p.normal_(0.0, 0.3)
+    return model.eval()
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("method", ["full", "pesc", "sparse", "adapter", "lora"])
+@pytest.mark.parametrize("n_prompt,n_new", [(5, 8), (10, 20), (T, 4), (T + 3, 3)])
+def test_cache_gives_the_same_greedy_answer(family, method, n_prompt, n_new):
+    """(10, 20) and (T, 4) run past block_size: the cache must hand over to the cropped window."""
+    model = trained_model(family, method)
+    idx = torch.randint(V, (3, n_prompt), generator=torch.Generator().manual_seed(1))
+    with_cache = model.generate(idx, n_new, temperature=0, use_cache=True)
+    without = model.generate(idx, n_new, temperature=0, use_cache=False)
+    assert with_cache.shape == (3, n_prompt + n_new)
+    assert torch.equal(with_cache, without)
+    assert len(set(with_cache[:, n_prompt:].flatten().tolist())) > 1   # not a degenerate constant answer
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_cache_matches_a_full_forward_position_by_position(family):
+    """Logits of a prefill, then of one token at a time, then of a two-token chunk (the explicit mask
+    path) equal the logits of one forward over the whole sequence."""
+    model = trained_model(family, "pesc")
+    idx = torch.randint(V, (2, 12), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        full, _, _ = model(idx, idx)                     # with targets: logits of every position
+        cache = KVCache(model.config.n_layer, 12)
+        pieces = [model(idx[:, :5], cache=cache)[0]]
+        for t in range(5, 9):
+            pieces.append(model(idx[:, t:t + 1], cache=cache)[0])
+        chunk = model(idx[:, 9:12], targets=idx[:, 9:12], cache=cache)[0]   # all three positions' logits
+    assert cache.length == 12
+    stepwise = torch.cat(pieces, dim=1)                  # positions 4, 5, ..., 8
+    assert full.std().item() > 0.5                       # logits of order one: 5e-5 is a real bound
+    assert (stepwise - full[:, 4:9]).abs().max().item() <= 5e-5
+    assert (chunk - full[:, 9:12]).abs().max().item() <= 5e-5
+
+
+def test_moe_layers_route_only_the_new_token():
+    model = trained_model("llama", "pesc")
+    seen = []
+    for layer in model.moe_layers():
+        layer.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[1]))
+    idx = torch.randint(V, (2, 6), generator=torch.Generator().manual_seed(3))
+    model.generate(idx, 4, temperature=0)
+    n_layers = len(model.moe_layers())
+    assert seen[:n_layers] == [6] * n_layers          # the prefill
+    assert seen[n_layers:] == [1] * (3 * n_layers)    # then one position per step (the last token is not fed)
+
+
+def test_sampling_with_a_seed_is_reproducible_and_eos_stops_every_row():
+    model = trained_model("gpt2", "pesc")
+    idx = torch.randint(V, (4, 5), generator=torch.Generator().manual_seed(4))
+    torch.manual_seed(0)
+    a = model.generate(idx, 10, temperature=1.0, top_k=10)
+    torch.manual_seed(0)
+    b = model.generate(idx, 10, temperature=1.0, top_k=10)
+    assert torch.equal(a, b)
+    greedy = model.generate(idx, 10, temperature=0)
+    eos = greedy[0, 5].item()                          # the first row's first answer token
+    out = model.generate(idx, 10, temperature=0, eos_id=eos)
+    assert (out[0, 5:] == eos).all()                   # a finished row keeps emitting eos
+    assert out.size(1) < 15 or (out[:, 5:] == eos).any(dim=1).all()
+
+
+def test_ids_above_the_tokenizer_are_never_generated():
+    """vocab_size is rounded up past the tokenizer; those padding ids never come out, greedy or sampled."""
+    logits = torch.zeros(200, 64)
+    logits[:, 50:] = 10.0                              # the padding ids would win every argmax
+    logits[:, :50] = torch.randn(200, 50)
+    assert pick_next_token(logits.clone(), 0, None, None).min().item() >= 50   # without n_vocab they win
+    assert pick_next_token(logits.clone(), 0, None, 50).max().item() < 50
+    torch.manual_seed(0)
+    assert pick_next_token(logits.clone(), 1.0, None, 50).max().item() < 50
+    picked = pick_next_token(logits.clone(), 1.0, 3, 50)                  # top-3 of the real ids only
+    top3 = logits[:, :50].topk(3).indices
+    assert (picked == top3).any(dim=1).all()
+
+
+def test_deepcopied_model_generates_alike():
+    """The cache is per call (nothing of it stays in the model): two calls in a row agree."""
+    model = trained_model("llama", "sparse")
+    idx = torch.randint(V, (2, 7), generator=torch.Generator().manual_seed(5))
+    first = model.generate(idx, 6, temperature=0)
+    assert torch.equal(first, model.generate(idx, 6, temperature=0))
+    assert torch.equal(first, copy.deepcopy(model).generate(idx, 6, temperature=0))
