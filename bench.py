@@ -11,12 +11,15 @@ slows all of them alike), reported as medians and ratios.
   python bench.py --memory             a GPT-2-124M-shaped PESC training step with the base in fp32 or
                                        4-bit NF4, with and without gradient checkpointing: peak memory
                                        (RSS on a CPU) and step time, each setting in its own process
+  python bench.py --eval               exact match on the demo's held-out prompts with and without the KV
+                                       cache (needs out/ckpt.pt from python train.py): time and same answers
 
 CPU, a few minutes each:
     python bench.py --n 512,2048,8192 --d 256 --r 64 --runs 10
     python bench.py --train_step --d 256 --r 64 --runs 20
     python bench.py --train_step --d 768 --r 64 --layers 2 --runs 10
     python bench.py --memory --runs 3
+    python bench.py --eval --runs 3
 GPU (H100/H200; builds kernels.cu first if needed):
     python bench.py --out out/bench_gpu.json
 
@@ -53,6 +56,10 @@ def parse_args():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--train_step", action="store_true", help="time whole training steps (see above)")
     ap.add_argument("--memory", action="store_true", help="peak memory and step time of 4-bit / checkpointing")
+    ap.add_argument("--eval", action="store_true", help="exact-match evaluation of a checkpoint with and without the KV cache")
+    ap.add_argument("--ckpt", default="out/ckpt.pt", help="eval: the checkpoint (default: the demo's)")
+    ap.add_argument("--ffn", choices=("gpt2", "none"), default="gpt2",
+                    help="layer: the frozen FFN inside (d -> 4d -> d), or none: the adapter mixing alone")
     ap.add_argument("--n", default="512,2048,8192", help="layer: token counts, comma-separated")
     ap.add_argument("--experts", default="8,16", help="layer: expert counts E, comma-separated")
     ap.add_argument("--routing", default="balanced,skewed", help="layer: balanced and/or skewed")
@@ -137,10 +144,11 @@ def write_json(path, results):
 # -----------------------------------------------------------------------------
 # one MoE layer
 
-def make_layer(d, n_experts, top_k, r, device, seed):
-    """A PESC layer around GPT-2's FFN (tanh GELU), frozen, with non-zero adapters."""
+def make_layer(d, n_experts, top_k, r, device, seed, ffn="gpt2"):
+    """A PESC layer around GPT-2's FFN (tanh GELU), frozen, with non-zero adapters; ffn="none" leaves
+    the FFN out (an identity), to time the router and the adapter mixing alone."""
     torch.manual_seed(seed)
-    ffn = MLP(GPTConfig(n_embd=d, n_head=1, gelu="tanh"))
+    ffn = MLP(GPTConfig(n_embd=d, n_head=1, gelu="tanh")) if ffn == "gpt2" else torch.nn.Identity()
     layer = PESCMoE(ffn, d, n_experts=n_experts, top_k=top_k, adapter_dim=r).to(device)
     with torch.no_grad():
         layer.w_up.normal_(0.0, 0.02)   # zero at init; non-zero as after some training
@@ -177,10 +185,11 @@ def layer_bench(args):
     device, autocast, name = device_setup(args)
     paths = usable_paths(args, device)
     print(f"device {name}, torch {torch.__version__}, dtype {args.dtype}, d={args.d}, r={args.r}, k={args.top_k}, "
-          f"{torch.get_num_threads()} threads, median of {args.runs} interleaved rounds after {args.warmup} warm-up")
+          f"FFN {'d -> 4d -> d' if args.ffn == 'gpt2' else 'left out'}, {torch.get_num_threads()} threads, "
+          f"median of {args.runs} interleaved rounds after {args.warmup} warm-up")
     rows = []
     for n_experts in args.experts:
-        layer = make_layer(args.d, n_experts, args.top_k, args.r, device, args.seed)
+        layer = make_layer(args.d, n_experts, args.top_k, args.r, device, args.seed, args.ffn)
         # dynamic=True: one compiled graph for every N (a static one per N would cost a compile each)
         compiled = torch.compile(layer, dynamic=True) if "masked-compile" in paths else None
         mu, router_weights = routings(layer, args.d, args.seed, device)
@@ -193,8 +202,8 @@ def layer_bench(args):
                       ", ".join(f"{p} {rows[-1][p]['fwd']['median']:.2f}/{rows[-1][p]['fwd_bwd']['median']:.2f} ms"
                                 for p in paths), flush=True)
                 if args.out:   # after every row, so that a run cut short still leaves its numbers
-                    write_json(args.out, dict(meta=dict(device=name, torch=torch.__version__, dtype=args.dtype,
-                                                        d=args.d, r=args.r, top_k=args.top_k, runs=args.runs), rows=rows))
+                    write_json(args.out, dict(meta=dict(device=name, torch=torch.__version__, dtype=args.dtype, d=args.d,
+                                                        r=args.r, top_k=args.top_k, ffn=args.ffn, runs=args.runs), rows=rows))
     print()
     print(layer_table(rows, paths, device))
 
@@ -394,11 +403,52 @@ def memory_bench(args):
         write_json(args.out, dict(meta=dict(batch=batch, seq=seq, runs=args.runs, warmup=args.warmup), rows=rows))
 
 
+# -----------------------------------------------------------------------------
+# exact-match evaluation with and without the KV cache
+
+def eval_bench(args):
+    """Greedy answers to the held-out prompts of a checkpoint's run, with the KV cache (as train.py
+    and sample.py run them) and without it (the whole prefix again for every token), in turn; the
+    answers must be identical."""
+    from checkpoint import build_model, read_checkpoint
+    from data.instruct import make_instruction_set
+    from evaluate import greedy_answers
+    from tokenizer import load_tokenizer
+    device, autocast, device_name = device_setup(args)
+    ckpt = read_checkpoint(args.ckpt)
+    model = build_model(ckpt, args.ckpt).to(device).eval()
+    tok = load_tokenizer(ckpt["tokenizer"])
+    cfg = ckpt["config"]
+    examples = make_instruction_set(seed=cfg["data_seed"], n_train=cfg["n_train"], n_val=cfg["n_val"])["val"]
+    answers, times = {}, {True: [], False: []}
+    real_generate = model.generate
+    for _ in range(args.runs):
+        for use_cache in (True, False):
+            model.generate = lambda *a, use_cache=use_cache, **k: real_generate(*a, use_cache=use_cache, **k)
+            t0 = time.perf_counter()
+            answers[use_cache] = greedy_answers(model, tok, examples, cfg["eval_max_new_tokens"], device, autocast)
+            times[use_cache].append(time.perf_counter() - t0)
+    model.generate = real_generate
+    same = answers[True] == answers[False]
+    with_cache, without = statistics.median(times[True]), statistics.median(times[False])
+    print(f"\n{args.ckpt}: {len(examples)} held-out prompts, {cfg['eval_max_new_tokens']} new tokens at most, "
+          f"{device_name}, {torch.get_num_threads()} threads, median of {args.runs} interleaved runs")
+    print(f"with the KV cache {with_cache:.2f} s ({min(times[True]):.2f}-{max(times[True]):.2f}), without "
+          f"{without:.2f} s ({min(times[False]):.2f}-{max(times[False]):.2f}): {without / with_cache:.1f}x faster; "
+          f"answers identical: {same}")
+    if args.out:
+        write_json(args.out, dict(with_cache_s=times[True], without_cache_s=times[False], identical=same))
+    if not same:
+        raise SystemExit("the answers differ with and without the cache")
+
+
 if __name__ == "__main__":
     arguments = parse_args()
     if arguments.train_step:
         train_step_bench(arguments)
     elif arguments.memory:
         memory_bench(arguments)
+    elif arguments.eval:
+        eval_bench(arguments)
     else:
         layer_bench(arguments)

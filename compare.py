@@ -1,6 +1,6 @@
 """
-The paper's comparison in miniature: a full fine-tune, the paper's two dense baselines (one adapter
-per FFN; "Camel", LoRA on every linear layer), a one-adapter baseline with as many trainable
+The paper's comparison in miniature: a full fine-tune, the paper's two baselines without experts (one
+adapter per FFN; "Camel", LoRA on every linear layer), a one-adapter baseline with as many trainable
 parameters as PESC E=8, sparse upcycling, PESC with 4, 8 and 16 experts, and PESC E=8 on a 4-bit
 base -- from the same pretrained base, on the embedded instruction set, with the same steps, data
 order and learning-rate schedule, for several seeds.
@@ -240,7 +240,7 @@ def sizes():
         for method in ("full", "pesc", "sparse"):
             c = count_params(meta_model(SHAPES[name], method, n_experts=8, top_k=2, adapter_dim=64))
             trainable = c["total"] if method == "full" else c["trainable"]
-            label = {"full": "dense, full fine-tune", "pesc": "PESC E=8, r=64", "sparse": "sparse upcycling E=8"}[method]
+            label = {"full": "full fine-tune", "pesc": "PESC E=8, r=64", "sparse": "sparse upcycling E=8"}[method]
             print(f"| {name} | {label} | {c['total'] / 1e6:.1f}M | {trainable / 1e6:.2f}M | {c['active'] / 1e6:.1f}M | "
                   f"{8 * trainable / 2**30:.2f} GiB |")
     memory_table()

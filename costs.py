@@ -6,7 +6,7 @@ bytes of its weights, gradients, optimizer state and activations (compare.py --s
     mfu(per_token * tokens_per_second, "bfloat16")
 """
 
-PEAK_FLOPS = {"bfloat16": 989e12, "float32": 494e12}   # H100/H200 SXM dense: bf16, and fp32 as TF32
+PEAK_FLOPS = {"bfloat16": 989e12, "float32": 494e12}   # H100/H200 SXM without sparsity: bf16, fp32 as TF32
 
 
 def training_flops_per_token(counts, n_layer, seq_len, d_model):

@@ -168,25 +168,7 @@ def fetch_model(repo_id, cache_dir=None, endpoint=None, revision="main"):
             raise
 
     try:
-        try:
-            get("config.json")
-        except urllib.error.HTTPError as e:
-            if e.code == 404:
-                raise FileNotFoundError(
-                    f"{repo_url} has no config.json at revision {revision!r}: there is no such repo (or it "
-                    f"is private, or the revision does not exist). Check the name on {endpoint}, or pass "
-                    f"a local model folder instead of a repo id.") from None
-            raise
-        for name in TOKENIZER_FILES:
-            get(name, optional=True)  # models differ in which of these they have
-        if not get("model.safetensors", optional=True):
-            if get("model.safetensors.index.json", optional=True):
-                index = os.path.join(folder, "model.safetensors.index.json")
-                for shard in sorted(set(tensorfile.read_index(index).values())):
-                    get(shard)
-            elif not get("pytorch_model.bin", optional=True):
-                raise FileNotFoundError(f"{repo_url} has none of the weight files this project reads: "
-                                        f"{WEIGHTS_HINT}.")
+        fetch_repo_files(get, folder, repo_url, revision, endpoint)
     except urllib.error.HTTPError as e:
         if e.code in (401, 403):
             raise PermissionError(
@@ -203,6 +185,29 @@ def fetch_model(repo_id, cache_dir=None, endpoint=None, revision="main"):
             f"and its weights, {WEIGHTS_HINT}, from {repo_url} and put them in {folder}{os.sep}, or pass "
             f"a local model folder instead of the repo id.") from None
     return folder
+
+
+def fetch_repo_files(get, folder, repo_url, revision, endpoint):
+    """config.json, the tokenizer files the repo has, and the first kind of weights it has."""
+    try:
+        get("config.json")
+    except urllib.error.HTTPError as e:
+        if e.code == 404:
+            raise FileNotFoundError(
+                f"{repo_url} has no config.json at revision {revision!r}: there is no such repo (or it "
+                f"is private, or the revision does not exist). Check the name on {endpoint}, or pass "
+                f"a local model folder instead of a repo id.") from None
+        raise
+    for name in TOKENIZER_FILES:
+        get(name, optional=True)  # models differ in which of these they have
+    if not get("model.safetensors", optional=True):
+        if get("model.safetensors.index.json", optional=True):
+            index = os.path.join(folder, "model.safetensors.index.json")
+            for shard in sorted(set(tensorfile.read_index(index).values())):
+                get(shard)
+        elif not get("pytorch_model.bin", optional=True):
+            raise FileNotFoundError(f"{repo_url} has none of the weight files this project reads: "
+                                    f"{WEIGHTS_HINT}.")
 
 
 # ----------------------------------------------------------------------------- data files

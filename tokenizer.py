@@ -249,6 +249,19 @@ def hf_tokenizer(folder):
         raise ValueError(f"{folder}: tiktoken cannot compile the pre-tokenizer regex "
                          f"{tok['pattern']!r} ({e})") from None
 
+    eos_id, bos_id, pad_id = _special_ids(folder, config, special_map, tok, specials)
+    if missing and tok["unk"] is not None:
+        # Hugging Face would then emit the unk token for those bytes, not drop them: not handled.
+        raise ValueError(f"{folder}: the vocabulary has no token for bytes {list(missing)} and "
+                         f"sets unk_token {tok['unk']!r}; this combination is not supported")
+    return Tokenizer(enc, name=name, eos_id=eos_id, bos_id=bos_id, pad_id=pad_id,
+                     spec={"kind": "hf", "folder": folder}, nfc=tok["nfc"],
+                     pattern=tok["pattern"], ranks=ranks, missing_bytes=missing)
+
+
+def _special_ids(folder, config, special_map, tok, specials):
+    """(eos_id, bos_id or None, pad_id) from tokenizer_config.json, special_tokens_map.json and the
+    post-processor's template (see the module docstring for which EOS ends a response)."""
     def token_id(name, what):
         if name in specials:
             return specials[name]
@@ -262,7 +275,6 @@ def hf_tokenizer(folder):
         raise ValueError(f"{folder}: no EOS token: tokenizer_config.json and special_tokens_map.json "
                          f"name no eos_token, and there is no {EOT}")
     eos_id = token_id(eos, "eos_token")
-
     bos_id = tok["template_bos"]
     if config.get("add_bos_token") is True:
         bos = _token_name(config.get("bos_token")) or _token_name(special_map.get("bos_token"))
@@ -271,17 +283,8 @@ def hf_tokenizer(folder):
         bos_id = token_id(bos, "bos_token")
     elif isinstance(bos_id, str):
         bos_id = token_id(bos_id, "BOS token of the post-processor")
-
     pad = _token_name(config.get("pad_token"))
-    pad_id = token_id(pad, "pad_token") if pad else eos_id
-
-    if missing and tok["unk"] is not None:
-        # Hugging Face would then emit the unk token for those bytes, not drop them: not handled.
-        raise ValueError(f"{folder}: the vocabulary has no token for bytes {list(missing)} and "
-                         f"sets unk_token {tok['unk']!r}; this combination is not supported")
-    return Tokenizer(enc, name=name, eos_id=eos_id, bos_id=bos_id, pad_id=pad_id,
-                     spec={"kind": "hf", "folder": folder}, nfc=tok["nfc"],
-                     pattern=tok["pattern"], ranks=ranks, missing_bytes=missing)
+    return eos_id, bos_id, token_id(pad, "pad_token") if pad else eos_id
 
 
 def _read_json(path):
@@ -439,27 +442,9 @@ def _bytes_to_unicode():
     return table
 
 
-def _ranks_and_specials(vocab, merges, added, ignore_merges, where):
-    """tiktoken's mergeable_ranks (vocab bytes -> id) and special_tokens (added tokens), after
-    checking that BPE by rank reproduces Hugging Face's BPE by merge order on this vocabulary.
-    Also returns the bytes that have no token of their own (normally none)."""
-    char_to_byte = {c: b for b, c in _bytes_to_unicode().items()}
-    added_ids = set(added.values())
-    ranks, seen = {}, {}
-    for text, id in vocab.items():
-        if text in added and added[text] == id:
-            continue  # an added token that the vocab lists too: special, never merged
-        if id in added_ids:
-            raise ValueError(f"{where}: id {id} is both the vocab entry {text!r} and an added token")
-        if id in seen:
-            raise ValueError(f"{where}: id {id} is used by both {seen[id]!r} and {text!r}")
-        seen[id] = text
-        try:
-            ranks[bytes(char_to_byte[c] for c in text)] = id
-        except KeyError:
-            raise ValueError(f"{where}: vocabulary entry {text!r} (id {id}) is not written in GPT-2's "
-                             f"byte alphabet; is this a byte-level BPE? Supported are {SUPPORTED}") from None
-
+def _merge_results(vocab, merges, added, where):
+    """The ids the merges make, after checking that they come in non-decreasing id order (what lets
+    tiktoken's lowest-rank-first BPE reproduce Hugging Face's earliest-merge-first BPE)."""
     made, last = set(), -1
     for position, merge in enumerate(merges):
         # "a b" in older files, ["a", "b"] in newer ones (tokens never hold a real space: it is 'Ġ')
@@ -481,6 +466,31 @@ def _ranks_and_specials(vocab, merges, added, ignore_merges, where):
                              "tiktoken encoding")
         last = id
         made.add(id)
+    return made
+
+
+def _ranks_and_specials(vocab, merges, added, ignore_merges, where):
+    """tiktoken's mergeable_ranks (vocab bytes -> id) and special_tokens (added tokens), after
+    checking that BPE by rank reproduces Hugging Face's BPE by merge order on this vocabulary.
+    Also returns the bytes that have no token of their own (normally none)."""
+    char_to_byte = {c: b for b, c in _bytes_to_unicode().items()}
+    added_ids = set(added.values())
+    ranks, seen = {}, {}
+    for text, id in vocab.items():
+        if text in added and added[text] == id:
+            continue  # an added token that the vocab lists too: special, never merged
+        if id in added_ids:
+            raise ValueError(f"{where}: id {id} is both the vocab entry {text!r} and an added token")
+        if id in seen:
+            raise ValueError(f"{where}: id {id} is used by both {seen[id]!r} and {text!r}")
+        seen[id] = text
+        try:
+            ranks[bytes(char_to_byte[c] for c in text)] = id
+        except KeyError:
+            raise ValueError(f"{where}: vocabulary entry {text!r} (id {id}) is not written in GPT-2's "
+                             f"byte alphabet; is this a byte-level BPE? Supported are {SUPPORTED}") from None
+
+    made = _merge_results(vocab, merges, added, where)
 
     # "ignore_merges": true (Llama-3) makes Hugging Face return a piece that is itself a token
     # without running the merges. tiktoken always does that. With rank-ordered merges, running

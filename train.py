@@ -12,8 +12,8 @@ Stages, run in order by main():
    always pretrains; a Hugging Face repo id ("gpt2", "HuggingFaceTB/SmolLM2-135M", "Qwen/Qwen2.5-0.5B")
    or folder loads those weights (pretrained.py); a path to a .pt loads a full checkpoint written by
    this script; "resume" continues out_dir/ckpt.pt.
-2. upcycle: method="pesc" (upcycle.py), "sparse" (sparse upcycling), "adapter" (the paper's dense
-   baseline: one adapter per FFN), "lora" (the paper's "Camel" baseline: LoRA only) or "full" (a full
+2. upcycle: method="pesc" (upcycle.py), "sparse" (sparse upcycling), "adapter" (the paper's
+   baseline without experts: one adapter per FFN), "lora" (the paper's "Camel" baseline: LoRA only) or "full" (a full
    fine-tune of every weight, no experts).
 3. data: the embedded instruction set (data/instruct.py), a file, a URL, or "alpaca"; loss on the
    response tokens only.
@@ -114,7 +114,7 @@ device = "cuda" if torch.cuda.is_available() else "cpu"
 dtype = "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
 torch_compile = False           # torch.compile the model (the uncompiled module is what gets saved)
 backend = "nccl" if torch.cuda.is_available() else "gloo"  # DDP backend under torchrun
-peak_flops = 0.0                # for MFU; 0 = H100/H200 dense peak for dtype (989e12 bf16, 494e12 TF32)
+peak_flops = 0.0                # for MFU; 0 = H100/H200 peak (no sparsity) for dtype (989e12 bf16, 494e12 TF32)
 print_config = False            # print the final settings (after config files and flags) and stop
 # -----------------------------------------------------------------------------
 DEFAULTS = settings(globals())   # the config above, before anything else is defined

@@ -7,9 +7,9 @@ Dense -> MoE upcycling: turn a dense GPT from model.py into what one of the tuni
 method="pesc"     every chosen FFN becomes moe.PESCMoE: the FFN stays, frozen and shared; E zero-init
                   adapter experts and a router are added and trained.
 method="sparse"   sparse upcycling (Komatsuzaki et al., 2022): E trainable copies of the FFN + router.
-method="adapter"  the paper's dense baseline with adapters: one adapter after each FFN (PESC with
+method="adapter"  the paper's baseline without experts, with adapters: one adapter after each FFN (PESC with
                   n_experts=1, top_k=1: the gate is always exactly 1, so the router is frozen).
-method="lora"     the paper's dense baseline "Camel": no experts at all, only LoRA (use lora_targets="all").
+method="lora"     the paper's baseline without experts, "Camel": no experts at all, only LoRA (use lora_targets="all").
 (method="full", a full fine-tune of every weight, needs no upcycling: train.py just unfreezes the model.)
 
 Every method computes exactly the dense model's function right after upcycling (adapters' W_up = 0,

@@ -1,4 +1,4 @@
-# The paper's dense baseline ("Camel"): the same recipe as PESC, one adapter per FFN, no experts.
+# The paper's baseline without experts, with adapters: the same recipe as PESC, one adapter per FFN.
 # python train.py config/adapter_baseline.py
 out_dir = "out-adapter"
 method = "adapter"

@@ -368,7 +368,10 @@ def collate(batch, pad_id):
 
 def batch_at(encoded, step, batch_size, seed, pad_id):
     """Training batch number `step`: epoch-wise shuffling, a pure function of (seed, step), so that
-    resuming (and any number of DDP ranks) sees exactly the same batches."""
+    resuming (and any number of DDP ranks) sees exactly the same batches. (Grouping batches by
+    length, as Hugging Face's group_by_length does, cut the padding from 21 % of the tokens to 2 %,
+    but on the embedded set length tells the task family apart, so batches lost their mix: 600 steps
+    ended at a held-out loss of 2.09 instead of 1.94. Not worth its 18 % of step time here.)"""
     n = len(encoded)
     rows = []
     for pos in range(step * batch_size, (step + 1) * batch_size):

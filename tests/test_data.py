@@ -166,7 +166,7 @@ def test_encode_dataset_drops_truncated_and_errors_when_all_dropped(enc):
         encode_dataset(enc, [], 64)
 
 
-def test_batches_are_a_function_of_seed_and_step_and_cover_each_epoch(enc):
+def test_batches_are_a_function_of_seed_and_step_and_cover_each_epoch():
     """batch_at: every example once per epoch, in an order that depends on the seed only."""
     encoded = [([i, i], [i, i]) for i in range(10)]
     rows = [batch_at(encoded, step, 5, 7, 0)[0][:, 0].tolist() for step in range(4)]   # 2 epochs of 2 batches

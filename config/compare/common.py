@@ -6,5 +6,5 @@ n_val = 300
 n_samples = 0
 learning_rate = 3e-3
 # adapters r = d/8 = 16, the released Camelidae models' ratio (r = 512 at d = 4096); at r = 32 the
-# E = 8 dense-masked path computes E*r = 256 columns, half the FFN's width, on top of the FFN
+# E = 8 masked path computes E*r = 256 columns, half the FFN's width, on top of the FFN
 adapter_dim = 16
