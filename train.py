@@ -48,6 +48,7 @@ from data.instruct import (FAMILIES, batch_at, encode_dataset, format_prompt, lo
                            make_instruction_set)
 from data.pydocs import encode_corpus, load_pydocs_documents, pretrain_batch, train_val_split
 from evaluate import add_counts, exact_match, greedy_answers, load_summary, response_loss
+from hub import DATASETS, fetch_dataset, is_url
 from model import GPT, GPTConfig
 from moe import check_dispatch
 from optim import lr_at, make_optimizer
@@ -139,6 +140,10 @@ def check_settings(cfg):
         if cfg[key] not in DTYPES:
             raise ValueError(f"{key} must be one of {tuple(DTYPES)}, got {cfg[key]!r}")
     check_dispatch(cfg["dispatch"])
+    dataset = cfg["dataset"]
+    if dataset != "embedded" and dataset not in DATASETS and not is_url(dataset) and not os.path.isfile(dataset):
+        raise FileNotFoundError(f"dataset file {dataset} does not exist; give an Alpaca .json or a .jsonl file "
+                                f"(Alpaca or chat records), an https URL, one of {sorted(DATASETS)}, or embedded")
     if cfg["quantize_base"] and cfg["method"] == "full":
         raise ValueError("quantize_base=True freezes the base in 4 bits: it needs a parameter-efficient method "
                          "(pesc, adapter, lora), not method=full")
@@ -294,8 +299,7 @@ def stage_data(cfg, tok, model, run):
         split = make_instruction_set(seed=cfg["data_seed"], n_train=cfg["n_train"], n_val=cfg["n_val"])
         train_examples, val_examples = split["train"], split["val"]
     else:
-        from hub import fetch_dataset   # a URL or "alpaca" is downloaded once into the cache
-        examples = load_instruction_file(fetch_dataset(cfg["dataset"]))
+        examples = load_instruction_file(fetch_dataset(cfg["dataset"]))   # a URL or "alpaca": downloaded once
         random.Random(cfg["seed"]).shuffle(examples)
         n_held = max(1, min(cfg["n_val"], len(examples) // 10))
         train_examples, val_examples = examples[n_held:], examples[:n_held]
