@@ -345,8 +345,8 @@ MEMORY_SETTINGS = {"fp32 base": (False, False), "fp32 base + checkpointing": (Fa
 
 def memory_worker(quantize, checkpointing, batch, seq, pipe):
     """Builds a GPT-2-124M-shaped PESC model (E=8, k=2, r=64, LoRA r=8 on every linear layer) and runs
-    one training step per message; answers with the step time; at the end, its peak RSS."""
-    import resource
+    one training step per message; answers with the step time; at the end, the peak RSS of the steps."""
+    import gc
     from optim import make_optimizer
     from upcycle import upcycle
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1")))
@@ -357,6 +357,11 @@ def memory_worker(quantize, checkpointing, batch, seq, pipe):
     model.gradient_checkpointing = checkpointing
     optimizer = make_optimizer(model, 1e-4, 0.0, "cpu")
     idx = torch.randint(50257, (batch, seq), generator=torch.Generator().manual_seed(1))
+    # the peak from here on: building the model (the fp32 weights exist until they are quantized)
+    # is not the training step's memory. Linux resets the high-water mark on "5" to clear_refs.
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
     while pipe.recv() == "step":
         t0 = time.perf_counter()
         _, ce, routing = model(idx, idx)
@@ -364,7 +369,8 @@ def memory_worker(quantize, checkpointing, batch, seq, pipe):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         pipe.send(time.perf_counter() - t0)
-    pipe.send(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    with open("/proc/self/status") as f:   # VmHWM: the peak resident set size since the reset
+        pipe.send(next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM")))
 
 
 def memory_bench(args):
@@ -393,7 +399,7 @@ def memory_bench(args):
     print(f"\nGPT-2-124M-shaped PESC (E=8, k=2, r=64, LoRA r=8 on every linear layer), batch {batch} x {seq} tokens, "
           f"CPU fp32 compute, one process per setting, {os.environ.get('BENCH_THREADS', '1')} thread(s) each; "
           f"median of {args.runs} interleaved steps after {args.warmup} warm-up")
-    print("| setting | peak RSS | step s (median, range) | step time vs fp32 base |\n|---|---|---|---|")
+    print("| setting | peak RSS of the steps | step s (median, range) | step time vs fp32 base |\n|---|---|---|---|")
     rows = {}
     for name, ts in times.items():
         rows[name] = dict(peak_rss_bytes=peak[name], step_s=summary(ts), vs_fp32=statistics.median(ts) / base)
@@ -407,37 +413,47 @@ def memory_bench(args):
 # exact-match evaluation with and without the KV cache
 
 def eval_bench(args):
-    """Greedy answers to the held-out prompts of a checkpoint's run, with the KV cache (as train.py
-    and sample.py run them) and without it (the whole prefix again for every token), in turn; the
-    answers must be identical."""
+    """Greedy answers to the held-out prompts of a checkpoint's run, as train.py's two exact-match
+    evaluations produce them -- before tuning (the upcycled base, which computes the base's function
+    and, never having learned to stop, writes every token it may) and after (the checkpoint) -- with
+    the KV cache and without it (the whole prefix again for every token), in turn. The answers must
+    be identical."""
     from checkpoint import build_model, read_checkpoint
     from data.instruct import make_instruction_set
     from evaluate import greedy_answers
     from tokenizer import load_tokenizer
+    from upcycle import upcycle
     device, autocast, device_name = device_setup(args)
     ckpt = read_checkpoint(args.ckpt)
-    model = build_model(ckpt, args.ckpt).to(device).eval()
+    tuned = build_model(ckpt, args.ckpt).to(device).eval()
+    base_path = ckpt["base"]["path"]
+    before = upcycle(build_model(read_checkpoint(base_path), base_path), **ckpt["upcycle_args"], verbose=False)
     tok = load_tokenizer(ckpt["tokenizer"])
     cfg = ckpt["config"]
     examples = make_instruction_set(seed=cfg["data_seed"], n_train=cfg["n_train"], n_val=cfg["n_val"])["val"]
-    answers, times = {}, {True: [], False: []}
-    real_generate = model.generate
+    models = {"before tuning": before.to(device).eval(), "after tuning": tuned}
+    times = {(name, cache): [] for name in models for cache in (True, False)}
+    answers = {}
     for _ in range(args.runs):
-        for use_cache in (True, False):
-            model.generate = lambda *a, use_cache=use_cache, **k: real_generate(*a, use_cache=use_cache, **k)
-            t0 = time.perf_counter()
-            answers[use_cache] = greedy_answers(model, tok, examples, cfg["eval_max_new_tokens"], device, autocast)
-            times[use_cache].append(time.perf_counter() - t0)
-    model.generate = real_generate
-    same = answers[True] == answers[False]
-    with_cache, without = statistics.median(times[True]), statistics.median(times[False])
+        for name, model in models.items():
+            real_generate = model.generate
+            for use_cache in (True, False):
+                model.generate = lambda *a, use_cache=use_cache, g=real_generate, **k: g(*a, use_cache=use_cache, **k)
+                t0 = time.perf_counter()
+                answers[name, use_cache] = greedy_answers(model, tok, examples, cfg["eval_max_new_tokens"], device, autocast)
+                times[name, use_cache].append(time.perf_counter() - t0)
+            model.generate = real_generate
+    same = all(answers[name, True] == answers[name, False] for name in models)
     print(f"\n{args.ckpt}: {len(examples)} held-out prompts, {cfg['eval_max_new_tokens']} new tokens at most, "
           f"{device_name}, {torch.get_num_threads()} threads, median of {args.runs} interleaved runs")
-    print(f"with the KV cache {with_cache:.2f} s ({min(times[True]):.2f}-{max(times[True]):.2f}), without "
-          f"{without:.2f} s ({min(times[False]):.2f}-{max(times[False]):.2f}): {without / with_cache:.1f}x faster; "
-          f"answers identical: {same}")
+    total = {cache: sum(statistics.median(times[name, cache]) for name in models) for cache in (True, False)}
+    for name in models:
+        w, wo = statistics.median(times[name, True]), statistics.median(times[name, False])
+        print(f"{name}: with the KV cache {w:.2f} s, without {wo:.2f} s: {wo / w:.1f}x")
+    print(f"both evaluations: {total[True]:.2f} s against {total[False]:.2f} s: {total[False] / total[True]:.1f}x "
+          f"faster; answers identical: {same}")
     if args.out:
-        write_json(args.out, dict(with_cache_s=times[True], without_cache_s=times[False], identical=same))
+        write_json(args.out, dict(times={f"{n} cache={c}": t for (n, c), t in times.items()}, identical=same))
     if not same:
         raise SystemExit("the answers differ with and without the cache")
 

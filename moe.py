@@ -148,7 +148,7 @@ def adapters_loop(u, w_down, w_up, gates, indices, dropout):
     out = torch.zeros_like(u)
     for e in indices.unique().tolist():                      # host sync: which experts were hit
         token, slot = torch.where(indices == e)              # the (token, slot) pairs routed to e
-        x = dropout(u[token])                                # (n_e, d)
+        x = dropout(u.index_select(0, token))                # (n_e, d)
         delta = F.gelu(x @ w_down[e].t()) @ w_up[e]          # (n_e, r) -> (n_e, d)
         out.index_add_(0, token, (gates[token, slot, None] * delta).to(out.dtype))
     return out
@@ -181,7 +181,9 @@ def adapters_grouped(u, w_down, w_up, gates, indices, counts, dropout):
     N, k = indices.shape
     order = indices.reshape(-1).argsort(stable=True)                  # (N*k,): pairs grouped by expert
     token = order // k                                                # the token of each sorted pair
-    x = dropout(u[token])                                             # (N*k, d): dropout per (token, slot)
+    # index_select rather than u[token]: its backward is an index_add, which the CPU runs ~25 % faster
+    # than the accumulating index_put of advanced indexing
+    x = dropout(u.index_select(0, token))                             # (N*k, d): dropout per (token, slot)
     ends = counts.cumsum(0).to(torch.int32)                           # (E,): where each expert's rows end
     dtype = torch.get_autocast_dtype(u.device.type) if torch.is_autocast_enabled(u.device.type) else x.dtype
     x, wd, wu = x.to(dtype), w_down.to(dtype), w_up.to(dtype)         # grouped_mm wants one dtype (bf16 on CUDA)
@@ -357,7 +359,7 @@ class SparseUpcycledMoE(nn.Module):
         y = torch.zeros_like(h)
         for e in indices.unique().tolist():                              # host sync: which experts were hit
             token, slot = torch.where(indices == e)
-            y.index_add_(0, token, (weights[token, slot, None] * self.experts[e](h[token])).to(y.dtype))
+            y.index_add_(0, token, (weights[token, slot, None] * self.experts[e](h.index_select(0, token))).to(y.dtype))
         return y.view(shape), routing
 
     def params_per_expert(self):
