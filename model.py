@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 FAMILIES = ("gpt2", "llama")
 ROPE_TYPES = ("default", "llama3")
@@ -294,6 +295,7 @@ class GPT(nn.Module):
         if config.tie_embeddings:
             self.transformer.wte.weight = self.lm_head.weight
         self.upcycle_args = None  # set by upcycle.upcycle(); saved in checkpoints to rebuild the MoE
+        self.gradient_checkpointing = False   # train.py's setting: recompute each block in backward
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
             if name.endswith(("c_proj.weight", "o_proj.weight", "down_proj.weight")):
@@ -334,7 +336,7 @@ class GPT(nn.Module):
         if self.config.family == "gpt2":
             x = x + self.transformer.wpe(pos)
         else:
-            rope = self.rope(pos, x.dtype if not torch.is_autocast_enabled() else torch.get_autocast_dtype(x.device.type))
+            rope = self.rope(pos, x.dtype)   # in the embeddings' dtype, as the Hugging Face models do
         x = self.transformer.drop(x)
         per_layer = []
         for block in self.transformer.h:
@@ -354,13 +356,11 @@ class GPT(nn.Module):
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
         return logits, loss, routing
 
-    gradient_checkpointing = False   # set by train.py: recompute each block's activations in backward
-
     def run_block(self, block, x, rope, token_mask, cache):
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
             # keep only the block's input; its activations are recomputed during backward
             # (non-reentrant: works with the frozen weights and the MoE layers' extra outputs)
-            return torch.utils.checkpoint.checkpoint(block, x, rope, token_mask, cache, use_reentrant=False)
+            return checkpoint(block, x, rope, token_mask, cache, use_reentrant=False)
         return block(x, rope, token_mask, cache)
 
     def moe_layers(self):

@@ -322,16 +322,15 @@ class Batches:
 
     def fetch(self, i):
         host = batch_at(self.args[0], i, *self.args[1:])
-        n_real = int(host[2].sum())                      # real tokens, counted on the host copy
         if self.cuda:
             host = [t.pin_memory() for t in host]
-        return i, [t.to(self.device, non_blocking=self.cuda) for t in host], n_real
+        return i, [t.to(self.device, non_blocking=self.cuda) for t in host]
 
     def get(self, i, next_i):
-        """(idx, targets, mask) of batch i on the device and its number of real tokens."""
+        """(idx, targets, mask) of batch i on the device; batch next_i starts on its way."""
         got = self.ahead if self.ahead is not None and self.ahead[0] == i else self.fetch(i)
         self.ahead = self.fetch(next_i)
-        return (*got[1], got[2])
+        return got[1]
 
 
 # -----------------------------------------------------------------------------
@@ -346,7 +345,8 @@ def train_step(model, raw, optimizer, batches, step, cfg, run):
     counts, tokens = None, 0
     for micro in range(local_accum):
         i = step * accum + run.rank * local_accum + micro     # the same global batches for any world size
-        idx, targets, mask, _ = batches.get(i, i + 1 if micro + 1 < local_accum else (step + 1) * accum + run.rank * local_accum)
+        next_i = i + 1 if micro + 1 < local_accum else (step + 1) * accum + run.rank * local_accum
+        idx, targets, mask = batches.get(i, next_i)
         if run.world > 1:
             model.require_backward_grad_sync = micro == local_accum - 1   # all-reduce once per step
         with run.ctx:
@@ -363,6 +363,9 @@ def train_step(model, raw, optimizer, batches, step, cfg, run):
     return ce_sum, aux_sum, counts, tokens
 
 
+NEVER = 2**62   # "no bad step yet"
+
+
 def first_nonfinite(first_bad, loss, step):
     """Device-side: the first step whose loss was NaN/inf (a large number while none was). Read only
     on log steps, so that the loop does not wait on the GPU every step."""
@@ -377,8 +380,6 @@ def check_finite(first_bad, run):
                                  f"this state (the last good checkpoint, if any, is {run.ckpt_path}). Lower "
                                  f"learning_rate or check the data.")
 
-
-NEVER = 2**62
 
 
 def log_row(path, row):

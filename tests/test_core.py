@@ -184,6 +184,16 @@ def test_route_against_a_brute_force_sort(top_k):
     assert torch.equal(counts, brute_force_counts(indices.tolist(), 8))
 
 
+def test_router_starts_kaiming_uniform_as_the_official_code():
+    """nn.Linear's default, kaiming_uniform(a=sqrt 5): U(-1/sqrt(d), 1/sqrt(d)), std 1/sqrt(3 d).
+    (The first version used N(0, 0.02), which at d = 1024 starts the router ~1.5x colder.)"""
+    torch.manual_seed(0)
+    w = Router(1024, 64).gate.weight
+    bound = 1 / math.sqrt(1024)
+    assert w.abs().max().item() <= bound and w.abs().max().item() > 0.99 * bound
+    assert abs(w.std().item() - bound / math.sqrt(3)) < 0.02 * bound
+
+
 def test_router_is_fp32_under_bf16_autocast():
     torch.manual_seed(0)
     router = Router(16, 4)
