@@ -33,7 +33,6 @@ class Adapter(nn.Module):
         self.down = nn.Linear(d_model, rank, bias=False)   # W_down: d -> r
         self.up = nn.Linear(rank, d_model, bias=False)     # W_up:   r -> d
         self.dropout = nn.Dropout(dropout)                 # before W_down, as the official PESC code
-        self.up.ZERO_INIT = True  # marker: GPT._init_weights and reset_parameters() keep this at zero
         self.reset_parameters()
 
     def reset_parameters(self):

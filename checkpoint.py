@@ -26,10 +26,6 @@ LAYOUT = 2   # 2: stacked expert weights, kinds "full"/"delta", the Llama family
 KINDS = ("full", "delta")
 
 
-def file_sha256(path):
-    return files_sha256([path])
-
-
 def files_sha256(paths):
     """One sha256 over the bytes of several files in order (a sharded base: the index, then the shards)."""
     h = hashlib.sha256()
@@ -95,8 +91,9 @@ def make_checkpoint(model, base_ref, extra):
     """kind "full": every tensor. kind "delta": only the trainable tensors + the base reference.
     `extra`: plain data the caller wants kept (train.py: step, optimizer, config, ...)."""
     args = dict(layout=LAYOUT, model_args=vars(model.config).copy(), upcycle_args=model.upcycle_args, **extra)
-    if model.upcycle_args is None:
-        return dict(kind="full", model=model.state_dict(), **args)
+    if model.upcycle_args is None:   # rebuilt in the dtype it was saved in (a bf16 model stays bf16)
+        dtype = str(model.transformer.wte.weight.dtype).removeprefix("torch.")
+        return dict(kind="full", model=model.state_dict(), dtype=dtype, **args)
     trainable = {k: v.detach() for k, v in trainable_state(model).items()}
     return dict(kind="delta", model=trainable, base=base_ref, **args)
 
@@ -113,15 +110,18 @@ def build_model(ckpt, path, dropout=None):
         except (TypeError, ValueError) as e:
             raise ValueError(f"{path}: model_args do not describe a GPT ({e})") from None
         load_state(model, ckpt["model"], path)
-        return model
+        return model.to(getattr(torch, ckpt.get("dtype", "float32")))
     model = load_base(ckpt["base"], path, model_args["dropout"])
     if architecture(vars(model.config)) != architecture(ckpt["model_args"]):
         raise ValueError(f"{path}: its base {ckpt['base']['path']} has another architecture")
     upcycle(model, **ckpt["upcycle_args"], verbose=False)
-    missing = [k for k in trainable_state(model) if k not in ckpt["model"]]
-    if missing:
-        raise ValueError(f"{path} does not match the architecture it names: missing {missing[:3]}")
-    load_state(model, ckpt["model"], path, strict=False)
+    trainable = trainable_state(model)
+    missing = [k for k in trainable if k not in ckpt["model"]]
+    unexpected = [k for k in ckpt["model"] if k not in trainable]
+    if missing or unexpected:
+        raise ValueError(f"{path} does not match the architecture it names: missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]}")
+    load_state(model, ckpt["model"], path, strict=False)   # strict=False: the frozen base is not in the file
     return model
 
 
@@ -140,8 +140,9 @@ def load_base(base, path, dropout):
 
 
 def rng_state():
-    """The random generators' states, saved in every training checkpoint so that a resume continues
-    with the same dropout masks and router jitter: the CPU generator and every CUDA device's."""
+    """The random generators' states of this process, saved (one per rank) in every training checkpoint
+    so that a resume continues with the same dropout masks and router jitter: the CPU generator and
+    every CUDA device's."""
     state = dict(torch=torch.get_rng_state())
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()

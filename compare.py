@@ -29,13 +29,14 @@ from contextlib import nullcontext
 
 import torch
 
+from data.instruct import FAMILIES
+
 ROOT = os.path.dirname(os.path.abspath(__file__))
 RUNS = ["full", "adapter", "adapter_wide", "lora", "sparse8", "pesc4", "pesc8", "pesc16", "pesc8_nf4"]
 LABELS = {"full": "full fine-tune", "adapter": "one adapter (PESC E=1, k=1)",
           "adapter_wide": "one adapter, r=132 (= PESC E=8's trainable params)", "lora": "LoRA on every linear (Camel)",
           "sparse8": "sparse upcycling E=8, k=2", "pesc4": "PESC E=4, k=2", "pesc8": "PESC E=8, k=2",
           "pesc16": "PESC E=16, k=2", "pesc8_nf4": "PESC E=8, k=2, 4-bit NF4 base"}
-FAMILIES = ("general", "code", "math")
 BASELINE = "adapter"
 
 
@@ -120,10 +121,13 @@ def report(out, dest):
             diff_rows.append(f"| {LABELS[name]} | {', '.join(f'{d:+.1f}' for d in em_diff)} | {pm(em_diff, 1.0)} | "
                              f"{', '.join(f'{d:+.3f}' for d in loss_diff)} | {pm(loss_diff, 1.0, 3)} |")
     seeds = sorted({s for v in summary.values() for s in v["seeds"]})
-    before = next(iter(results[BASELINE].values()))["before"]["exact_match"]["average"]
+    before = {name: 100 * statistics.mean(r["before"]["exact_match"]["average"] for r in results[name].values())
+              for name in names}
+    before_text = ", ".join(f"{LABELS[n]} {v:.1f} %" for n, v in before.items()) \
+        if len(set(before.values())) > 1 else f"every method {next(iter(before.values())):.1f} %"
     table = "\n".join(rows) + (f"\n\nExact match (EM) on the held-out split, mean ± std over seeds {seeds}; before "
-                               f"tuning every method scores {100 * before:.1f} %.\n\nPaired differences against the "
-                               f"one-adapter baseline run with the same seed (seeds {seeds}):\n\n" + "\n".join(diff_rows))
+                               f"tuning: {before_text}.\n\nPaired differences against the one-adapter baseline run "
+                               f"with the same seed (seeds {seeds}):\n\n" + "\n".join(diff_rows))
     os.makedirs(dest, exist_ok=True)
     with open(os.path.join(dest, "compare.json"), "w") as f:
         json.dump(dict(summary=summary, runs={n: list(r.values()) for n, r in results.items()}), f, indent=1)
@@ -253,19 +257,8 @@ def frozen_linear_params(model):
                for name, p in owner.named_parameters() if name.endswith("weight") and p.dim() == 2)
 
 
-def activation_bytes_per_token(config, checkpointing, dtype_bytes=2):
-    """A rough count of what backward keeps per token (bf16 activations): per block the normed inputs,
-    q/k/v, the attention output, the FFN's hidden activations (SwiGLU: gate, up, their product; GPT-2:
-    the 4d pre- and post-GELU) and the MoE adapter's E*r pre-activations; with checkpointing only each
-    block's input plus one block recomputed at a time. Plus the fp32 logits and their gradient."""
-    d, f, kv = config.n_embd, config.ffn_dim, config.n_kv_head * config.head_dim
-    per_block = (6 * d + 2 * kv + (3 if config.family == "llama" else 2) * f + 8 * 64) * dtype_bytes
-    blocks = config.n_layer * d * dtype_bytes + per_block if checkpointing else config.n_layer * per_block
-    return blocks + 2 * 4 * config.vocab_size
-
-
 def memory_table(tokens=16 * 512):
-    from costs import training_memory
+    from costs import activation_bytes_per_token, training_memory
     from quant import nf4_bytes
     from upcycle import count_params
     print(f"\nFrozen base weights and a PESC E=8 (r=64, LoRA r=64 on every linear layer) training step at batch 16 x 512 "
@@ -280,7 +273,7 @@ def memory_table(tokens=16 * 512):
         projections = frozen_linear_params(model)
         fp32, bf16 = 4 * frozen, 2 * frozen
         nf4 = 2 * (frozen - projections) + nf4_bytes(projections)   # embeddings, head and norms stay bf16
-        steps = [training_memory(base, c["trainable"], activation_bytes_per_token(model.config, ckpt), tokens)
+        steps = [training_memory(base, c["trainable"], activation_bytes_per_token(model.config, ckpt, 8 * 64), tokens)
                  for base, ckpt in ((bf16, False), (nf4, False), (nf4, True))]
         print(f"| {name} | {gib(fp32)} | {gib(bf16)} | {gib(nf4)} | " + " | ".join(gib(s) for s in steps) + " |")
 

@@ -1,6 +1,6 @@
 """
-What a model costs to train: FLOPs per token and MFU (train.py's progress bar, bench.py), and the
-bytes of its weights, gradients, optimizer state and activations (compare.py --sizes).
+What a model costs to train: FLOPs per token and MFU (train.py's progress bar), and an estimate of a
+training step's memory: weights, gradients, optimizer state and activations (compare.py --sizes).
 
     per_token = training_flops_per_token(count_params(model), n_layer, seq_len, d)
     mfu(per_token * tokens_per_second, "bfloat16")
@@ -26,11 +26,16 @@ def mfu(flops_per_second, dtype, peak_flops=0.0):
 BYTES = {"float32": 4, "bfloat16": 2}
 
 
-def weight_bytes(n_params, dtype, nf4_bytes=None):
-    """Bytes of n frozen weights stored as dtype, or as 4-bit NF4 (dtype="nf4": quant.nf4_bytes)."""
-    if dtype == "nf4":
-        return nf4_bytes(n_params)
-    return n_params * BYTES[dtype]
+def activation_bytes_per_token(config, checkpointing, adapter_columns, dtype_bytes=2):
+    """A rough count of what backward keeps per token (bf16 activations): per block the normed inputs,
+    q/k/v, the attention output, the FFN's hidden activations (SwiGLU: gate, up, their product; GPT-2:
+    the 4d pre- and post-GELU) and the MoE adapters' pre-activations (adapter_columns: E*r on the
+    masked path); with checkpointing only each block's input plus one block recomputed at a time.
+    Plus the fp32 logits and their gradient."""
+    d, f, kv = config.n_embd, config.ffn_dim, config.n_kv_head * config.head_dim
+    per_block = (6 * d + 2 * kv + (3 if config.family == "llama" else 2) * f + adapter_columns) * dtype_bytes
+    blocks = config.n_layer * d * dtype_bytes + per_block if checkpointing else config.n_layer * per_block
+    return blocks + 2 * 4 * config.vocab_size
 
 
 def training_memory(frozen_bytes, n_trainable, activation_bytes_per_token, tokens, trainable_dtype="float32"):

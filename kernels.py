@@ -31,13 +31,6 @@ BUILD_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "build", "k
 STALE_LOCK_SECONDS = 600   # a build takes 1-2 minutes: an older lock file was left by a killed build
 MAX_EXPERTS = 1024         # kernels.cu's limit (shared memory of the gate kernels without the >48 KB opt-in)
 _module = None             # the compiled and probed extension; False once the build or the probe failed
-_said = set()
-
-
-def say_once(line):
-    if line not in _said:
-        _said.add(line)
-        print(line)
 
 
 # -----------------------------------------------------------------------------
@@ -49,6 +42,7 @@ def clear_stale_lock(build_dir, stale_after=STALE_LOCK_SECONDS):
     holds no process id, so go by its age: while it is younger than a build can take, another process
     may really be building (the ranks of one job), so wait, saying which file to delete if none is;
     once older, remove it and say so."""
+    from moe import say_once   # here: moe.py imports this file
     lock = os.path.join(build_dir, "lock")
     while os.path.exists(lock):
         try:
@@ -119,12 +113,15 @@ def probe(module):
     logits = (torch.arange(8.0).repeat(5, 1) + torch.rand(5, 8, generator=g)).cuda()   # clear top-k gaps
     weights, indices, probs, counts = module.route_forward(logits, 2)
     ref = route(logits, 2)
-    assert torch.equal(indices, ref[1]) and torch.equal(counts, ref[3]), "router kernel: wrong experts"
-    assert torch.allclose(weights, ref[0], atol=1e-5) and torch.allclose(probs, ref[2], atol=1e-5)
+    if not (torch.equal(indices, ref[1]) and torch.equal(counts, ref[3])):
+        raise RuntimeError("the router kernel picks other experts than moe.route()")
+    if not (torch.allclose(weights, ref[0], atol=1e-5) and torch.allclose(probs, ref[2], atol=1e-5)):
+        raise RuntimeError("the router kernel's weights differ from moe.route()'s")
     module.route_backward(torch.ones_like(weights), torch.ones_like(probs), weights, indices, probs)
     p = torch.randn(5, 8 * 4, generator=g).cuda()
     a = module.gate_gelu_mask_forward(p, indices, weights, 8, 0.5)
-    assert torch.allclose(a, gate_gelu_mask(p, indices, weights, 8, 0.5), atol=1e-5), "gate kernel: wrong values"
+    if not torch.allclose(a, gate_gelu_mask(p, indices, weights, 8, 0.5), atol=1e-5):
+        raise RuntimeError("the gate-GELU-mask kernel's values differ from moe.gate_gelu_mask()'s")
     module.gate_gelu_mask_backward(torch.ones_like(a), p, indices, weights, 8, 0.5)
     torch.cuda.synchronize()
 
@@ -160,6 +157,7 @@ def usable(h, logits):
         return False
     ok = available()
     if not ok:
+        from moe import say_once   # here: moe.py imports this file
         say_once("kernels: the fused CUDA kernels are not available; dispatch='kernels' runs the masked path")
     return ok
 

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
+import torch.utils.checkpoint
 
 FAMILIES = ("gpt2", "llama")
 ROPE_TYPES = ("default", "llama3")
@@ -139,7 +139,7 @@ class KVCache:
     """Keys and values of every layer for the positions fed so far (gpt-fast's KVCache, one object
     for all layers). Generation feeds the prompt once (prefill), then one token per step; each
     attention layer writes its new k, v at positions [length, length + T) and reads [0, length + T).
-    The buffers are allocated on the first write, in the dtype the keys have (bf16 under autocast)."""
+    The buffers are allocated on the first write, in the dtype of the keys and values they hold."""
 
     def __init__(self, n_layer, max_len):
         self.max_len = max_len
@@ -304,10 +304,7 @@ class GPT(nn.Module):
 
     def _init_weights(self, module):
         if isinstance(module, nn.Linear):
-            if getattr(module, "ZERO_INIT", False):  # an adapter's W_up: zero keeps upcycling exact
-                torch.nn.init.zeros_(module.weight)
-            else:
-                torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
             if module.bias is not None:
                 torch.nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
@@ -360,7 +357,7 @@ class GPT(nn.Module):
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
             # keep only the block's input; its activations are recomputed during backward
             # (non-reentrant: works with the frozen weights and the MoE layers' extra outputs)
-            return checkpoint(block, x, rope, token_mask, cache, use_reentrant=False)
+            return torch.utils.checkpoint.checkpoint(block, x, rope, token_mask, cache, use_reentrant=False)
         return block(x, rope, token_mask, cache)
 
     def moe_layers(self):

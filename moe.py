@@ -196,12 +196,12 @@ def adapters_grouped(u, w_down, w_up, gates, indices, counts, dropout):
 # -----------------------------------------------------------------------------
 # which path runs
 
-GROUPED_MIN_RATIO = 2.0   # grouped beats masked on the CPU when E/k is above this (bench.py --layer, README)
+GROUPED_MIN_RATIO = 2.0   # grouped beats masked on the CPU when E/k is above this (bench.py's layer table, README)
 
 
 def grouped_mm_works(device, dtype):
-    """Whether this torch has grouped_mm and it takes this device and dtype (torch >= 2.9; CUDA
-    wants bf16 on SM >= 90... the probe tells). Tried once per (device type, dtype), on a tiny input."""
+    """Whether this torch has grouped_mm and it takes this device and dtype (torch >= 2.9; its
+    documentation promises bf16 on CUDA with SM >= 80). Tried once per (device type, dtype), on a tiny input."""
     key = (device.type, dtype)
     if key not in _grouped_ok:
         ok = hasattr(F, "grouped_mm")
@@ -232,7 +232,9 @@ def choose_dispatch(device, n_experts, top_k, n_tokens):
     matmuls. On a GPU the fused kernels (or the masked path) avoid the host sync and the launches per
     expert; GPU crossovers are not measured yet. On a CPU the grouped path costs ~2x a plain matmul
     per row and saves E/k of the masked path's rows: it wins once E/k > GROUPED_MIN_RATIO and there
-    are enough rows to amortise its sort (a few hundred)."""
+    are enough rows to amortise its sort (a few hundred). (The choice also decides how adapter
+    dropout is drawn: per (token, slot) on the grouped and loop paths, per token on the masked and
+    kernel paths.)"""
     if top_k == n_experts:
         return "masked"
     if device.type == "cuda":
@@ -246,12 +248,14 @@ def resolve_dispatch(wanted, h, logits, n_experts, top_k, r):
     """The path this forward runs: `wanted`, or the auto choice, with one printed line when a path
     cannot run here and another is used instead."""
     path = choose_dispatch(h.device, n_experts, top_k, h.size(0)) if wanted == "auto" else wanted
-    if torch.compiler.is_compiling():
-        return "masked" if path == "kernels" else path      # torch.compile fuses the masked ops itself
-    if path == "kernels" and not kernels.usable(h, logits):
-        path = "masked"
+    compiling = torch.compiler.is_compiling()   # no probes and no printing inside a traced graph
+    if path == "kernels" and (compiling or not kernels.usable(h, logits)):
+        path = "masked"                         # (torch.compile fuses the masked path's ops itself)
     if path == "grouped":
         dtype = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else h.dtype
+        if compiling:
+            aligned = all(size * dtype.itemsize % 16 == 0 for size in (r, h.size(1)))
+            return "grouped" if hasattr(F, "grouped_mm") and aligned else "masked"
         if not grouped_mm_works(h.device, dtype):
             say_once(f"moe: grouped_mm is missing or refuses {h.device.type}/{dtype} in torch {torch.__version__}; "
                      f"the masked path runs instead")
@@ -260,7 +264,8 @@ def resolve_dispatch(wanted, h, logits, n_experts, top_k, r):
             say_once(f"moe: grouped_mm needs rows of a multiple of 16 bytes; r={r}, d={h.size(1)} in {dtype} are not: "
                      f"the masked path runs instead")
             path = "masked"
-    say_once(f"moe: dispatch={wanted} runs the {path} path on {h.device.type}")
+    if not compiling:
+        say_once(f"moe: dispatch={wanted} runs the {path} path on {h.device.type}")
     return path
 
 

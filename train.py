@@ -53,6 +53,7 @@ from model import GPT, GPTConfig
 from moe import check_dispatch
 from optim import lr_at, make_optimizer
 from tokenizer import byte_tokenizer, load_tokenizer
+from upcycle import METHODS as UPCYCLE_METHODS
 from upcycle import RENAMED_METHODS, count_params, upcycle
 
 # -----------------------------------------------------------------------------
@@ -119,7 +120,7 @@ peak_flops = 0.0                # for MFU; 0 = H100/H200 peak (no sparsity) for 
 print_config = False            # print the final settings (after config files and flags) and stop
 # -----------------------------------------------------------------------------
 DEFAULTS = settings(globals())   # the config above, before anything else is defined
-METHODS = ("pesc", "sparse", "adapter", "lora", "full")
+METHODS = UPCYCLE_METHODS + ("full",)   # "full": every weight trains, nothing is upcycled
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -233,10 +234,10 @@ def pretrain_base(cfg, run):
 def load_base(cfg, run):
     """Returns (dense model on the CPU, tokenizer, the base reference for delta checkpoints)."""
     init = cfg["init_from"]
-    if init == "scratch" or (init == "base" and not os.path.exists(cfg["base_ckpt"])):
-        if run.master:
+    if init in ("base", "scratch"):   # rank 0 decides and pretrains; every rank meets at the barrier
+        if run.master and (init == "scratch" or not os.path.exists(cfg["base_ckpt"])):
             pretrain_base(cfg, run)
-        barrier()  # the other ranks wait for rank 0's base
+        barrier()
         init = "base"
     if init == "base" or init.endswith(".pt"):
         path = cfg["base_ckpt"] if init == "base" else init
@@ -300,7 +301,7 @@ def stage_data(cfg, tok, model, run):
         train_examples, val_examples = split["train"], split["val"]
     else:
         examples = load_instruction_file(fetch_dataset(cfg["dataset"]))   # a URL or "alpaca": downloaded once
-        random.Random(cfg["seed"]).shuffle(examples)
+        random.Random(cfg["data_seed"]).shuffle(examples)   # the same held-out split for every seed
         n_held = max(1, min(cfg["n_val"], len(examples) // 10))
         train_examples, val_examples = examples[n_held:], examples[:n_held]
     seq_len = min(cfg["block_size"], model.config.block_size)
@@ -411,23 +412,26 @@ def stage_tune(cfg, run, model, tok, data, base_ref, resume):
     if cfg["torch_compile"]:
         model = torch.compile(model)
     if run.world > 1:  # sparse upcycling's unused FFN copies get no gradient; PESC's stacked experts always do
+        # every buffer (RoPE frequencies, a 4-bit base's codes) is constant: nothing to broadcast each step
         model = DDP(model, device_ids=[torch.device(run.device).index] if run.device_type == "cuda" else None,
-                    find_unused_parameters=cfg["method"] == "sparse")
+                    find_unused_parameters=cfg["method"] == "sparse", broadcast_buffers=False)
     optimizer = make_optimizer(raw, cfg["learning_rate"], cfg["weight_decay"], run.device_type)
     start, before = 0, None
     if resume is not None:
-        optimizer.load_state_dict(resume["optimizer"])
         start, before = resume["iter_num"], resume["before"]
-        set_rng_state(resume["rng"])
+        if start >= cfg["max_iters"]:
+            raise ValueError(f"{run.ckpt_path} is at step {start} already: raise --max_iters to tune further")
+        optimizer.load_state_dict(resume["optimizer"])
+        restore_rng_states(resume["rng"], cfg, run, start)
     elif run.master:
         before = evaluate_before(raw, tok, data, cfg, run)
     barrier()
-    loop = SimpleNamespace(step=start, last=None, step_times=[], stop=False)
+    loop = SimpleNamespace(step=start, last=None, step_times=[], interrupted=False, stopped=False, first_bad=None)
     # Ctrl-C finishes the step under way, then saves it: an interrupt in the middle of a step (say,
     # half-way through the optimizer's update) would save weights that no step number describes.
     # A second Ctrl-C stops at once.
     def finish_step_then_stop(signum, frame):
-        loop.stop = True
+        loop.interrupted = True
         signal.signal(signal.SIGINT, previous)
         run.say("\ninterrupt: finishing this step, then saving (Ctrl-C again to stop at once, unsaved)")
     previous = signal.signal(signal.SIGINT, finish_step_then_stop)
@@ -435,38 +439,69 @@ def stage_tune(cfg, run, model, tok, data, base_ref, resume):
         tune_loop(model, raw, optimizer, loop, before, base_ref, tok, data, cfg, run)
     finally:
         signal.signal(signal.SIGINT, previous)
-    if loop.stop:
-        save(raw, optimizer, loop.step, before, rng_state(), base_ref, tok, cfg, run)
+    if loop.stopped:
+        check_finite(loop.first_bad, run)   # a NaN since the last log step is never saved
+        save(raw, optimizer, loop.step, before, gathered_rng_states(run), base_ref, tok, cfg, run)
         run.say(f"interrupted: saved step {loop.step} to {run.ckpt_path}; continue with --init_from=resume")
         return None
     return SimpleNamespace(before=before, last=loop.last, step_times=loop.step_times)
 
 
+def stop_now(loop, run, log_step):
+    """Whether Ctrl-C stops the loop at this step boundary. One process stops at the next boundary;
+    under DDP the ranks (which each get the signal, at slightly different moments) agree on log
+    steps, so that all of them stop after the same step."""
+    if run.world == 1:
+        return loop.interrupted
+    if not log_step:
+        return False
+    return bool(all_reduce(torch.tensor(int(loop.interrupted), device=run.device), dist.ReduceOp.MAX))
+
+
+def gathered_rng_states(run):
+    """Every rank's generator states (each rank draws its own dropout masks), for rank 0 to save."""
+    if not dist.is_initialized():
+        return [rng_state()]
+    states = [None] * run.world
+    dist.all_gather_object(states, rng_state())
+    return states
+
+
+def restore_rng_states(states, cfg, run, step):
+    """Each rank continues its own random stream; a rank the checkpoint has no state for (the world
+    grew) starts a new one from the seed, the rank and the step (then the resume is not exact)."""
+    if run.rank < len(states):
+        set_rng_state(states[run.rank])
+    else:
+        torch.manual_seed(cfg["seed"] + run.rank + 1_000_003 * step)
+
+
 def tune_loop(model, raw, optimizer, loop, before, base_ref, tok, data, cfg, run):
     total, decay_total = cfg["max_iters"], cfg["lr_decay_iters"] or cfg["max_iters"]
-    counts = count_params(raw)
+    param_counts = count_params(raw)
     batches = Batches(data.train, cfg["batch_size"], cfg["seed"], tok.pad_id, run.device)
-    sums = SimpleNamespace(ce=0.0, aux=0.0, counts=None, steps=0, tokens=0)
-    first_bad = torch.full((), NEVER, dtype=torch.long, device=run.device)
+    sums = SimpleNamespace(ce=0.0, aux=0.0, counts=None, steps=0)
+    loop.first_bad = torch.full((), NEVER, dtype=torch.long, device=run.device)
     t_last, steps_timed = time.time(), 0
     bar = tqdm(range(loop.step, total), desc=f"tune ({cfg['method']})", initial=loop.step, total=total,
                disable=not run.master)
     for step in bar:
-        if loop.stop:            # Ctrl-C: stop at this step boundary; stage_tune saves
+        if stop_now(loop, run, step % cfg["log_interval"] == 0):   # Ctrl-C: stage_tune saves
+            loop.stopped = True
             break
         lr = lr_at(step, decay_total, cfg["learning_rate"], cfg["warmup_frac"], cfg["min_lr_ratio"])
         for group in optimizer.param_groups:
             group["lr"] = lr
         ce, aux, step_counts, tokens = train_step(model, raw, optimizer, batches, step, cfg, run)
-        first_bad = first_nonfinite(first_bad, ce + aux, step)
+        loop.first_bad = first_nonfinite(loop.first_bad, ce + aux, step)
         loop.step = step + 1
         sums.ce, sums.aux, sums.steps = sums.ce + ce, sums.aux + aux, sums.steps + 1
         if step_counts is not None:
             sums.counts = step_counts if sums.counts is None else sums.counts + step_counts
-        sums.tokens, steps_timed = sums.tokens + tokens, steps_timed + 1
+        steps_timed += 1
         is_eval = (step + 1) % cfg["eval_interval"] == 0 or step + 1 == total
         if step % cfg["log_interval"] == 0 or is_eval:
-            check_finite(first_bad, run)          # the one wait on the GPU per log_interval steps
+            check_finite(loop.first_bad, run)     # the one wait on the GPU per log_interval steps
             if run.device_type == "cuda":
                 torch.cuda.synchronize()
             now = time.time()
@@ -474,23 +509,24 @@ def tune_loop(model, raw, optimizer, loop, before, base_ref, tok, data, cfg, run
             postfix = dict(loss=f"{float(ce):.4f}", lr=f"{lr:.2e}")
             if run.device_type == "cuda":   # MFU by the FLOPs a tuned token really costs (costs.py)
                 seq_len = tokens // cfg["batch_size"] // (cfg["gradient_accumulation_steps"] // run.world)
-                per_token = training_flops_per_token(counts, raw.config.n_layer, seq_len, raw.config.n_embd)
+                per_token = training_flops_per_token(param_counts, raw.config.n_layer, seq_len, raw.config.n_embd)
                 flops_per_s = per_token * tokens * run.world / loop.step_times[-1]
                 postfix["mfu"] = f"{100 * mfu(flops_per_s, cfg['dtype'], cfg['peak_flops']):.1f}%"
             bar.set_postfix(**postfix)
             t_last, steps_timed = now, 0
         if is_eval:
-            loop.last = evaluate_and_save(raw, optimizer, step + 1, sums, lr, before, base_ref, tok, data, cfg, run, loop)
-            sums = SimpleNamespace(ce=0.0, aux=0.0, counts=None, steps=0, tokens=0)
+            loop.last = evaluate_and_save(raw, optimizer, step + 1, sums, lr, before, base_ref, tok, data, cfg, run)
+            sums = SimpleNamespace(ce=0.0, aux=0.0, counts=None, steps=0)
             t_last = time.time()   # evaluation time is not step time
 
 
-def evaluate_and_save(raw, optimizer, step, sums, lr, before, base_ref, tok, data, cfg, run, loop):
+def evaluate_and_save(raw, optimizer, step, sums, lr, before, base_ref, tok, data, cfg, run):
     """Held-out loss, a log row, a checkpoint (rank 0); routing counts summed over ranks."""
     # each rank summed ce / accum over its share of the micro-steps: the sum over ranks is the mean per step
     train_ce = float(all_reduce(torch.as_tensor(sums.ce, device=run.device).clone())) / sums.steps
     train_aux = float(all_reduce(torch.as_tensor(sums.aux, device=run.device).clone())) / sums.steps
     train_counts = None if sums.counts is None else all_reduce(sums.counts).cpu()
+    rng = gathered_rng_states(run)
     row = None
     if run.master:
         val_loss, ec = response_loss(raw, data.val, cfg["batch_size"], tok.pad_id, run.device, run.ctx)
@@ -504,7 +540,7 @@ def evaluate_and_save(raw, optimizer, step, sums, lr, before, base_ref, tok, dat
         tqdm.write(f"step {step}: train cross-entropy {train_ce:.4f} held-out {val_loss:.4f}"
                    + (f" aux {train_aux:.4f} expert share (min, max) per layer {row['expert_load']}"
                       if sums.counts is not None else ""))
-        save(raw, optimizer, step, before, rng_state(), base_ref, tok, cfg, run)
+        save(raw, optimizer, step, before, rng, base_ref, tok, cfg, run)
     barrier()
     return row
 
@@ -573,7 +609,7 @@ def main(argv):
 if __name__ == "__main__":
     try:
         main(sys.argv[1:])
-    except (ValueError, FileNotFoundError, PermissionError, FloatingPointError, ImportError) as e:
+    except (ValueError, OSError, FloatingPointError, ImportError) as e:   # OSError: files, downloads, disks
         print(f"error: {e}", file=sys.stderr)  # a user mistake or a bad file: the message says what to do
         sys.exit(1)
     except KeyboardInterrupt:   # before tuning started (once it has, stage_tune saves and returns)

@@ -50,9 +50,9 @@ def upcycle(model, method="pesc", *, n_experts=8, top_k=2, adapter_dim=64, adapt
         n_experts, top_k = 1, 1
     blocks = model.transformer.h
     chosen = [] if method == "lora" else range(len(blocks)) if layers == "all" else range(1, len(blocks), 2)
-    if quantize_base:
-        quantize_frozen_projections(model)
     d = model.config.n_embd
+    # the new tensors take the base's device and dtype: fp32 by default; a base loaded in bf16 trains
+    # its adapters, routers and LoRA factors in bf16, as the official code does
     like = dict(device=model.transformer.wte.weight.device, dtype=model.transformer.wte.weight.dtype)
     moes = {}  # all built before the model is touched: bad sizes raise and leave it dense and trainable
     for i in chosen:
@@ -65,6 +65,8 @@ def upcycle(model, method="pesc", *, n_experts=8, top_k=2, adapter_dim=64, adapt
                               adapter_scale=adapter_scale, adapter_dropout=adapter_dropout,
                               aux_loss_coef=aux_loss_coef, z_loss_coef=z_loss_coef, router_jitter=router_jitter,
                               dispatch=dispatch, **like)
+    if quantize_base:   # after the layers are built (they share the FFN modules): a bad size changed nothing
+        quantize_frozen_projections(model)
     model.requires_grad_(False)
     for i, moe in moes.items():
         blocks[i].mlp = moe

@@ -5,13 +5,13 @@
 #
 # Worked out from the parameter counts (python compare.py --sizes):
 #   dense 494.0M (d 896, 24 layers, 14 heads / 2 kv heads, SwiGLU 4864, vocab 151936, tied head).
-#   PESC E=8, r=64: total 516.2M, trainable 22.9M (adapters 22.0M + routers 0.17M + LoRA r=8 on q,k,v,o
-#   0.7M), active per token 499.7M.
+#   PESC E=8, r=64 + LoRA r=8 on q,k,v,o: total 517.3M, trainable 23.27M (adapters 22.02M + routers 0.17M
+#   + LoRA 1.08M), active per token 500.8M.
 #   Memory: fp32 weights 2.1 GB (load_dtype="bfloat16" halves it, adapters then train in bf16 as in the
 #   official code) + 0.27 GB for the trainable part; bf16 activations ~1.0 MB per token -> 8 x 512 tokens
 #   at most ~4.1 GB, plus ~5 GB of fp32 logits and their gradient over the 151936-token vocabulary:
 #   ~12 GB at most; grad_checkpointing=True cuts the activations to ~0.3 GB.
-#   Time: ~2.2 GFLOP per tuned token (4 x 500M + 2 x 23M + attention); one Alpaca epoch (~10M tokens)
+#   Time: ~2.2 GFLOP per tuned token (4 x 501M + 2 x 23M + attention); one Alpaca epoch (~10M tokens)
 #   ~22 PFLOP: about 4 minutes at 100 TFLOP/s. Estimates, not measurements.
 out_dir = "out-qwen2.5-pesc"
 init_from = "Qwen/Qwen2.5-0.5B"

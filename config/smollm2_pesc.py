@@ -6,12 +6,12 @@
 #
 # Worked out from the parameter counts (python compare.py --sizes):
 #   dense 134.5M (d 576, 30 layers, 9 heads / 3 kv heads, SwiGLU 1536, vocab 49152, tied head).
-#   PESC E=8, r=64: total 152.3M, trainable 18.8M (adapters 17.7M + routers 0.14M + LoRA r=8 on q,k,v,o
-#   0.92M), active per token 139.1M.
+#   PESC E=8, r=64 + LoRA r=8 on q,k,v,o: total 153.3M, trainable 18.75M (adapters 17.69M + routers 0.14M
+#   + LoRA 0.92M), active per token 140.0M.
 #   Memory: fp32 weights 0.61 GB + grads and AdamW moments of the trainable part 0.23 GB; bf16 activations
 #   ~0.54 MB per token (30 layers) -> 16 x 512 tokens at most ~4.4 GB, plus ~3.2 GB of fp32 logits and
 #   their gradient over the 49152-token vocabulary: ~9 GB at most (Alpaca's examples are shorter than 512).
-#   Time: ~0.7 GFLOP per tuned token (4 x 139M + 2 x 19M + attention); one Alpaca epoch (~10M tokens)
+#   Time: ~0.7 GFLOP per tuned token (4 x 140M + 2 x 19M + attention); one Alpaca epoch (~10M tokens)
 #   ~7 PFLOP: about a minute at 100 TFLOP/s. Estimates, not measurements.
 out_dir = "out-smollm2-pesc"
 init_from = "HuggingFaceTB/SmolLM2-135M"

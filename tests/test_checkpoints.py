@@ -6,6 +6,7 @@ corrupt, foreign or old files, a stop on NaN that names the step, Ctrl-C, and DD
     python -m pytest tests/test_checkpoints.py -q
 """
 
+import hashlib
 import json
 import os
 import re
@@ -21,8 +22,8 @@ import pytest
 import torch
 
 import train
-from checkpoint import (base_reference, build_model, file_sha256, make_checkpoint, read_checkpoint, rng_state,
-                        save_checkpoint, set_rng_state)
+from checkpoint import (base_reference, build_model, make_checkpoint, read_checkpoint, rng_state, save_checkpoint,
+                        set_rng_state)
 from data.instruct import encode_dataset, make_instruction_set
 from evaluate import response_loss
 from tokenizer import byte_tokenizer
@@ -105,7 +106,7 @@ def test_round_trip_rebuilds_the_model_that_was_saved(tmp_path, base, method, ex
     ckpt = read_checkpoint(path)
     assert ckpt["kind"] == ("full" if method == "full" else "delta")
     if method != "full":  # only the trainable tensors, plus the base's path and hash
-        assert ckpt["base"]["sha256"] == file_sha256(base)
+        assert ckpt["base"]["sha256"] == hashlib.sha256(open(base, "rb").read()).hexdigest()
         assert all(any(s in k for s in ("w_down", "w_up", "experts", "router", "lora")) for k in ckpt["model"])
         assert os.path.getsize(path) < os.path.getsize(base) or method == "sparse"
     with torch.no_grad():
@@ -256,7 +257,6 @@ def test_rng_state_includes_every_cuda_generator(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: ["gpu0", "gpu1"])
     monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: calls.setdefault("set", states))
-    state = rng_state()
     torch.manual_seed(123)
     expected = torch.rand(3)
     torch.manual_seed(123)
@@ -265,3 +265,27 @@ def test_rng_state_includes_every_cuda_generator(monkeypatch):
     set_rng_state(state)
     assert torch.equal(torch.rand(3), expected)          # the CPU generator is back where it was
     assert state["cuda"] == ["gpu0", "gpu1"] and calls["set"] == ["gpu0", "gpu1"]
+
+
+def test_resuming_a_finished_run_says_what_to_do(tmp_path, base):
+    out = run(tmp_path, base, "done", "--max_iters=2", "--eval_interval=2")
+    with pytest.raises(ValueError, match="at step 2 already: raise --max_iters"):
+        run(tmp_path, base, "done", "--init_from=resume", "--max_iters=2")
+    assert read_checkpoint(f"{out}/ckpt.pt")["iter_num"] == 2
+
+
+def test_a_delta_checkpoint_with_foreign_tensors_is_refused(tmp_path, base):
+    model = upcycle(build_model(read_checkpoint(base), base), "pesc", n_experts=4, top_k=2, adapter_dim=8, verbose=False)
+    ckpt = make_checkpoint(model, base_reference(base, "train.py"), {})
+    ckpt["model"]["transformer.h.0.mlp.w_extra"] = torch.zeros(3)
+    with pytest.raises(ValueError, match="unexpected .*w_extra"):
+        build_model(ckpt, "extra.pt")
+
+
+def test_a_bf16_full_checkpoint_comes_back_in_bf16(tmp_path, base):
+    model = build_model(read_checkpoint(base), base).to(torch.bfloat16)
+    path = str(tmp_path / "bf16.pt")
+    save_checkpoint(path, make_checkpoint(model, None, {}))
+    rebuilt = build_model(read_checkpoint(path), path)
+    assert {p.dtype for p in rebuilt.parameters()} == {torch.bfloat16}
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), rebuilt.state_dict().values()))

@@ -526,6 +526,17 @@ def test_auto_dispatch_rule_and_explicit_choice(monkeypatch):
         assert spies[path].calls == 1 and sum(s.calls for s in spies.values()) == PATHS.index(path) + 1
 
 
+def test_torch_compile_keeps_the_grouped_fallbacks():
+    """Under torch.compile the path is chosen without probes or printing, but with the same rules: r = 3
+    in fp32 rows are 12 bytes, which grouped_mm refuses, so the masked path runs instead of crashing,
+    and the result equals the eager layer's. (Dynamo's eager backend: tracing only, no C++ compile.)"""
+    layer = trained_layer(E=8, k=2, r=3, dispatch="grouped")
+    h = torch.randn(300, 16)
+    eager, _ = layer(h)
+    compiled, _ = torch.compile(layer, backend="eager", fullgraph=False)(h)
+    assert max_diff(compiled, eager) <= 1e-6
+
+
 @pytest.mark.parametrize("path", PATHS)
 def test_adapter_dropout_is_inside_the_experts_and_off_in_eval(path):
     """Dropout acts on the adapters' input only (the FFN output u passes untouched), and eval() turns it off."""
@@ -805,6 +816,7 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(method):
     (dict(lora_targets="ffn"), "lora_targets must be one of"),
     (dict(method="lora", lora_rank=0), "set lora_rank > 0"),
     (dict(method="sparse", quantize_base=True), "sparse upcycling trains whole FFN copies"),
+    (dict(adapter_dim=0, quantize_base=True), "adapter_dim must be a positive int"),   # nothing quantized either
 ])
 def test_upcycle_rejects_bad_arguments_and_leaves_the_model_alone(kwargs, message):
     model = random_gpt()
@@ -813,6 +825,7 @@ def test_upcycle_rejects_bad_arguments_and_leaves_the_model_alone(kwargs, messag
         upcycle(model, **dict(dict(adapter_dim=4, verbose=False), **kwargs))
     assert model.upcycle_args is None and model.moe_layers() == []
     assert all(p.requires_grad and torch.equal(p, before[n]) for n, p in model.named_parameters())
+    assert not any(isinstance(m, Linear4bit) for m in model.modules())
     upcycle(model, n_experts=4, top_k=2, adapter_dim=4, verbose=False)  # still a good dense model
     assert len(model.moe_layers()) == L
 

@@ -83,10 +83,6 @@ EXPECTED_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.floa
                    "F8_E5M2": torch.float8_e5m2}
 
 
-def test_dtype_table():
-    assert tensorfile.SAFETENSORS_DTYPES == EXPECTED_DTYPES
-
-
 def test_read_every_dtype(tmp_path):
     samples = sample_tensors()
     path = str(tmp_path / "t.safetensors")

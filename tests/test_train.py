@@ -55,7 +55,8 @@ def test_training_reduces_held_out_loss(tuned):
     assert rows[-1]["val_loss"] < rows[0]["val_loss"] - 0.3, rows  # nats per response token
     assert set(rows[-1]["exact_match"]) == {"general", "code", "math", "average"}
     assert len(rows[-1]["expert_load"]) == 1                          # one MoE layer
-    assert result["counts"]["trainable"] < result["counts"]["total"]
+    # adapters (4 x 2 x 32 x 8) + router (32 x 4) + LoRA r=4 on c_attn (4 x (32 + 96)) and c_proj (4 x 64)
+    assert result["counts"]["trainable"] == 4 * 2 * 32 * 8 + 32 * 4 + 4 * (32 + 96) + 4 * (32 + 32)
 
 
 def test_second_run_reuses_the_cached_base(tuned, capsys):
@@ -227,7 +228,7 @@ def test_every_config_file_parses():
     for path in paths:
         common = [os.path.join(ROOT, "config", "compare", "common.py")] if "compare" in path else []
         cfg = train.main(common + [path, "--print_config=True"])
-        assert cfg["max_iters"] > 0
+        assert cfg["out_dir"] != "out" or "compare" in path or "qlora" in path   # each run writes its own folder
 
 
 # -----------------------------------------------------------------------------
@@ -290,26 +291,41 @@ def test_greedy_sample_matches_training_evaluation(tuned):
 # the optimizer, MFU, data files
 
 def test_weight_decay_only_on_matrices_never_on_norms_biases_or_routers():
-    model = GPT(GPTConfig(block_size=16, vocab_size=64, n_layer=2, n_head=2, n_embd=16))
+    model = GPT(GPTConfig(block_size=16, vocab_size=64, n_layer=1, n_head=2, n_embd=16))
     upcycle(model, n_experts=4, top_k=2, adapter_dim=4, lora_rank=2, verbose=False)
     opt = make_optimizer(model, 1e-3, 0.1, "cpu")
     decay, no_decay = opt.param_groups
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
-    decayed = {id(p) for p in decay["params"]}
-    names = {name: p for name, p in model.named_parameters() if p.requires_grad}
-    assert any("router" in n for n in names) and any("w_up" in n for n in names)
-    for name, p in names.items():
-        assert (id(p) in decayed) == (p.dim() >= 2 and ".router." not in name), name
-    assert len(decay["params"]) + len(no_decay["params"]) == len(names)  # frozen weights are not in it
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert sorted(names[id(p)] for p in decay["params"]) == [
+        "transformer.h.0.attn.c_attn.lora_A", "transformer.h.0.attn.c_attn.lora_B",
+        "transformer.h.0.attn.c_proj.lora_A", "transformer.h.0.attn.c_proj.lora_B",
+        "transformer.h.0.mlp.w_down", "transformer.h.0.mlp.w_up"]
+    assert [names[id(p)] for p in no_decay["params"]] == ["transformer.h.0.mlp.router.gate.weight"]
 
 
-def test_mfu_counts_frozen_weights_without_their_weight_gradients():
-    # 100 active weights of which 10 trainable, 2 layers, T = 8, d = 4:
-    # 4 * 100 + 2 * 10 + 12 * 2 * 8 * 4 = 400 + 20 + 768 = 1188 FLOPs per token
-    per_token = training_flops_per_token(dict(active=100, trainable=10, total=120), 2, 8, 4)
-    assert per_token == 1188
-    assert mfu(1188 * 1e9, "bfloat16") == pytest.approx(1188e9 / 989e12)
-    assert mfu(1188 * 1e9, "float32") == pytest.approx(1188e9 / 494e12)
+def test_mfu_formula_against_a_flop_counter():
+    """4 N_active + 2 N_trainable per token (+ attention), against the matmul FLOPs torch's
+    FlopCounterMode counts in a real training step of a PESC model. The counter sees no attention on
+    the CPU, and the formula over-counts a little on purpose: position embeddings, norms and biases
+    (no matmul) and the first layer's input gradient, which autograd skips (nothing below it trains).
+    A 6 N formula (a full fine-tune's) is 50 % off here."""
+    from torch.utils.flop_counter import FlopCounterMode
+    from upcycle import count_params
+    torch.manual_seed(0)
+    B, T, L, d = 4, 32, 2, 64
+    model = GPT(GPTConfig(block_size=T, vocab_size=256, n_layer=L, n_head=4, n_embd=d))
+    upcycle(model, "pesc", n_experts=4, top_k=4, adapter_dim=16, lora_rank=4, dispatch="masked", verbose=False)
+    idx = torch.randint(256, (B, T))
+    with FlopCounterMode(display=False) as counter:
+        _, ce, routing = model(idx, idx)
+        (ce + routing.aux_loss).backward()
+    counted = counter.get_total_flops() / (B * T)
+    counts = count_params(model)
+    without_attention = training_flops_per_token(counts, L, T, d) - 12 * L * T * d
+    assert counted <= without_attention <= 1.15 * counted
+    assert 6 * counts["active"] > 1.4 * counted
+    assert mfu(1188 * 1e9, "bfloat16") == pytest.approx(1188e9 / 989e12)   # H100/H200 dense bf16 peak
     assert mfu(1e12, "bfloat16", peak_flops=2e12) == 0.5
 
 
@@ -339,6 +355,5 @@ def test_bench_train_step_times_every_method(tmp_path):
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     rows = json.loads(out.read_text())["rows"]
-    assert {"adapter", "pesc8", "sparse8", "full"} <= set(rows)
-    assert all(row["step_ms"] > 0 and row["vs_adapter"] > 0 for row in rows.values())
+    assert set(rows) == {"adapter", "pesc4", "pesc8", "pesc16", "sparse8", "full"}
     assert "PESC E=8 vs one adapter" in r.stdout
