@@ -13,6 +13,8 @@ slows all of them alike), reported as medians and ratios.
                                        (RSS on a CPU) and step time, each setting in its own process
   python bench.py --eval               exact match on the demo's held-out prompts with and without the KV
                                        cache (needs out/ckpt.pt from python train.py): time and same answers
+  python bench.py --fused              GPU: the part kernels.cu fuses, alone (route + gate-GELU-mask, forward
+                                       and backward), its kernels against the eager PyTorch ops they replace
 
 CPU, a few minutes each:
     python bench.py --n 512,2048,8192 --d 256 --r 64 --runs 10
@@ -22,6 +24,7 @@ CPU, a few minutes each:
     python bench.py --eval --runs 3
 GPU (H100/H200; builds kernels.cu first if needed):
     python bench.py --out out/bench_gpu.json
+    python bench.py --fused --n 512,2048,8192,32768
 
 Layer: a PESC layer around a GPT-2 FFN (d -> 4d -> d, frozen), non-zero adapters, the input requiring
 grad (earlier layers train LoRA), bf16 autocast on the GPU with the router in fp32 (--dtype).
@@ -55,6 +58,7 @@ def parse_args():
     ap.add_argument("--train_step", action="store_true", help="time whole training steps (see above)")
     ap.add_argument("--memory", action="store_true", help="peak memory and step time of 4-bit / checkpointing")
     ap.add_argument("--eval", action="store_true", help="exact-match evaluation of a checkpoint with and without the KV cache")
+    ap.add_argument("--fused", action="store_true", help="GPU: route + gate-GELU-mask alone, kernels vs eager PyTorch")
     ap.add_argument("--ckpt", default="out/ckpt.pt", help="eval: the checkpoint (default: the demo's)")
     ap.add_argument("--ffn", choices=("gpt2", "none"), default="gpt2",
                     help="layer: the frozen FFN inside (d -> 4d -> d), or none: the adapter mixing alone")
@@ -250,6 +254,53 @@ def layer_table(rows, paths, device):
         cells += [f"{ratio(row, a, b, 'fwd'):.2f}x / {ratio(row, a, b, 'fwd_bwd'):.2f}x" for a, b in pairs]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+# -----------------------------------------------------------------------------
+# the fused part alone: what kernels.cu replaces
+
+def fused_bench(args):
+    """route() + gate_gelu_mask() (the eager PyTorch ops of the masked path between its two matmuls)
+    against kernels.route_cuda + kernels.gate_gelu_mask_cuda, forward and forward + backward, with
+    gradients flowing into the logits from both the gates and the probabilities (as the aux loss does)."""
+    device, _, name = device_setup(args)
+    if not (device.type == "cuda" and moe.kernels.available()):
+        raise SystemExit("--fused needs a GPU and a working build of kernels.cu")
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    print(f"device {name}, torch {torch.__version__}, p in {dtype}, r={args.r}, k={args.top_k}, "
+          f"median of {args.runs} interleaved rounds after {args.warmup} warm-up")
+    rows = []
+    for n_experts in args.experts:
+        for N in args.n:
+            g = torch.Generator(device=device).manual_seed(args.seed + N)
+            logits = torch.randn(N, n_experts, generator=g, device=device).requires_grad_(True)
+            p = torch.randn(N, n_experts * args.r, generator=g, device=device).to(dtype).requires_grad_(True)
+            grad_a = torch.randn(N, n_experts * args.r, generator=g, device=device).to(dtype)
+            grad_probs = torch.randn(N, n_experts, generator=g, device=device)
+            ops = {"eager": (moe.route, moe.gate_gelu_mask),
+                   "kernels": (moe.kernels.route_cuda, moe.kernels.gate_gelu_mask_cuda)}
+            fwd, fwd_bwd = {}, {}
+            for path, (route_op, mask_op) in ops.items():
+                def run(route_op=route_op, mask_op=mask_op, backward=False):
+                    weights, indices, probs, _ = route_op(logits, args.top_k)
+                    a = mask_op(p, indices, weights, n_experts, 1.0)
+                    if backward:
+                        torch.autograd.backward((a, probs), (grad_a, grad_probs))
+                fwd[path] = lambda run=run: run(backward=False)
+                fwd_bwd[path] = lambda run=run: run(backward=True)
+            with torch.no_grad():
+                t_fwd = interleaved(fwd, args.runs, args.warmup, device)
+            t_fb = interleaved(fwd_bwd, args.runs, args.warmup, device)
+            row = dict(E=n_experts, N=N, **{path: dict(fwd=summary(t_fwd[path]), fwd_bwd=summary(t_fb[path]))
+                                            for path in ops})
+            rows.append(row)
+            print(f"  E={n_experts} N={N}: eager {row['eager']['fwd']['median']:.3f}/{row['eager']['fwd_bwd']['median']:.3f} ms, "
+                  f"kernels {row['kernels']['fwd']['median']:.3f}/{row['kernels']['fwd_bwd']['median']:.3f} ms: "
+                  f"{ratio(row, 'eager', 'kernels', 'fwd'):.2f}x / {ratio(row, 'eager', 'kernels', 'fwd_bwd'):.2f}x",
+                  flush=True)
+    if args.out:
+        write_json(args.out, dict(meta=dict(device=name, torch=torch.__version__, dtype=args.dtype, r=args.r,
+                                            top_k=args.top_k, runs=args.runs), rows=rows))
 
 
 # -----------------------------------------------------------------------------
@@ -464,5 +515,7 @@ if __name__ == "__main__":
         memory_bench(arguments)
     elif arguments.eval:
         eval_bench(arguments)
+    elif arguments.fused:
+        fused_bench(arguments)
     else:
         layer_bench(arguments)

@@ -426,7 +426,8 @@ def stage_tune(cfg, run, model, tok, data, base_ref, resume):
     elif run.master:
         before = evaluate_before(raw, tok, data, cfg, run)
     barrier()
-    loop = SimpleNamespace(step=start, last=None, step_times=[], interrupted=False, stopped=False, first_bad=None)
+    loop = SimpleNamespace(step=start, last=None, step_times=[], tokens_per_s=[], mfu=[], interrupted=False,
+                           stopped=False, first_bad=None)
     # Ctrl-C finishes the step under way, then saves it: an interrupt in the middle of a step (say,
     # half-way through the optimizer's update) would save weights that no step number describes.
     # A second Ctrl-C stops at once.
@@ -444,7 +445,8 @@ def stage_tune(cfg, run, model, tok, data, base_ref, resume):
         save(raw, optimizer, loop.step, before, gathered_rng_states(run), base_ref, tok, cfg, run)
         run.say(f"interrupted: saved step {loop.step} to {run.ckpt_path}; continue with --init_from=resume")
         return None
-    return SimpleNamespace(before=before, last=loop.last, step_times=loop.step_times)
+    return SimpleNamespace(before=before, last=loop.last, step_times=loop.step_times, tokens_per_s=loop.tokens_per_s,
+                           mfu=loop.mfu)
 
 
 def stop_now(loop, run, log_step):
@@ -506,12 +508,13 @@ def tune_loop(model, raw, optimizer, loop, before, base_ref, tok, data, cfg, run
                 torch.cuda.synchronize()
             now = time.time()
             loop.step_times.append((now - t_last) / steps_timed)
+            loop.tokens_per_s.append(tokens * run.world / loop.step_times[-1])   # all ranks, padding included
             postfix = dict(loss=f"{float(ce):.4f}", lr=f"{lr:.2e}")
             if run.device_type == "cuda":   # MFU by the FLOPs a tuned token really costs (costs.py)
                 seq_len = tokens // cfg["batch_size"] // (cfg["gradient_accumulation_steps"] // run.world)
                 per_token = training_flops_per_token(param_counts, raw.config.n_layer, seq_len, raw.config.n_embd)
-                flops_per_s = per_token * tokens * run.world / loop.step_times[-1]
-                postfix["mfu"] = f"{100 * mfu(flops_per_s, cfg['dtype'], cfg['peak_flops']):.1f}%"
+                loop.mfu.append(mfu(per_token * loop.tokens_per_s[-1], cfg["dtype"], cfg["peak_flops"]))
+                postfix["mfu"] = f"{100 * loop.mfu[-1]:.1f}%"
             bar.set_postfix(**postfix)
             t_last, steps_timed = now, 0
         if is_eval:
@@ -564,9 +567,12 @@ def stage_report(cfg, run, model, tok, data, outcome):
         run.say(format_prompt(ex["instruction"], ex.get("input", "")) + ans + f"    [expected: {ex['output']}]")
     run.say("-" * 60)
     run.say(f"total wall time {time.time() - run.t_start:.0f} s; checkpoint {run.ckpt_path}, log {run.log_path}")
-    steady = outcome.step_times[len(outcome.step_times) // 10:] or outcome.step_times   # skip warm-up
+    def steady_median(values):   # the log intervals after the first tenth (warm-up, compilation)
+        steady = values[len(values) // 10:] or values
+        return statistics.median(steady) if steady else None
     result = dict(method=cfg["method"], seed=cfg["seed"], before=before, after=after, val_loss=last["val_loss"],
-                  counts=counts, step_time_s=statistics.median(steady) if steady else 0.0,
+                  counts=counts, step_time_s=steady_median(outcome.step_times) or 0.0,
+                  tokens_per_s=steady_median(outcome.tokens_per_s), mfu=steady_median(outcome.mfu),
                   checkpoint_bytes=os.path.getsize(run.ckpt_path), peak_memory_bytes=peak_memory(run.device_type))
     with open(os.path.join(cfg["out_dir"], "result.json"), "w") as f:
         json.dump(result, f, indent=1)
