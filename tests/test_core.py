@@ -595,8 +595,7 @@ def test_padding_does_not_change_the_aux_loss_or_counts():
 # -----------------------------------------------------------------------------
 # upcycling: function preservation, trainable set, parameter counts
 
-@pytest.mark.parametrize("family", ["gpt2", "llama"])
-@pytest.mark.parametrize("method,n_experts,top_k,layers,lora_rank,lora_targets", [
+PRESERVATION_CASES = [   # method, n_experts, top_k, layers, lora_rank, lora_targets
     ("pesc", 8, 2, "all", 4, "all"),
     ("pesc", 4, 1, "every_other", 0, "attention"),
     ("pesc", 16, 4, "all", 4, "attention"),
@@ -604,12 +603,15 @@ def test_padding_does_not_change_the_aux_loss_or_counts():
     ("sparse", 8, 2, "all", 4, "attention"),
     ("sparse", 4, 2, "every_other", 0, "attention"),
     ("lora", 1, 1, "all", 4, "all"),
-])
-@pytest.mark.parametrize("dispatch", ["masked", "grouped", "loop"])
+]
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("method,n_experts,top_k,layers,lora_rank,lora_targets,dispatch", [
+    case + (dispatch,) for case in PRESERVATION_CASES
+    for dispatch in (("masked", "grouped", "loop") if case[0] == "pesc" else ("masked",))])   # only PESC has paths
 def test_upcycled_model_computes_the_dense_function(family, method, n_experts, top_k, layers, lora_rank,
                                                     lora_targets, dispatch):
-    if method in ("sparse", "lora", "adapter") and dispatch != "masked":
-        pytest.skip("only PESC has dispatch paths")
     dense = random_gpt(config=tiny_config() if family == "gpt2" else llama_config()).eval()
     idx, targets = tokens(1)
     with torch.no_grad():
