@@ -231,7 +231,7 @@ def choose_dispatch(device, n_experts, top_k, n_tokens):
     one-adapter baseline) every expert is used, so the masked path wastes nothing and is plain
     matmuls. On a GPU the fused kernels avoid the host sync and the launches per expert: on an
     H200 (E=8, d=256, r=64, N 128..32768) they ran 1.1-1.3x faster than masked, masked 1.4-3.6x
-    faster than loop, grouped 0.8-0.95x masked (sizes where launches dominate). On a CPU the
+    faster than loop, grouped 0.77-0.95x masked (sizes where launches dominate). On a CPU the
     grouped path costs ~2x a plain matmul per row and saves E/k of the masked path's rows: it wins
     once E/k > GROUPED_MIN_RATIO and there are enough rows to amortise its sort (a few hundred).
     (The choice also decides how adapter dropout is drawn: per (token, slot) on the grouped and

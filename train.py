@@ -484,7 +484,7 @@ def tune_loop(model, raw, optimizer, loop, before, base_ref, tok, data, cfg, run
     batches = Batches(data.train, cfg["batch_size"], cfg["seed"], tok.pad_id, run.device)
     sums = SimpleNamespace(ce=0.0, aux=0.0, counts=None, steps=0)
     loop.first_bad = torch.full((), NEVER, dtype=torch.long, device=run.device)
-    t_last, steps_timed = time.time(), 0
+    t_last, steps_timed, tokens_timed = time.time(), 0, 0
     bar = tqdm(range(loop.step, total), desc=f"tune ({cfg['method']})", initial=loop.step, total=total,
                disable=not run.master)
     for step in bar:
@@ -500,7 +500,7 @@ def tune_loop(model, raw, optimizer, loop, before, base_ref, tok, data, cfg, run
         sums.ce, sums.aux, sums.steps = sums.ce + ce, sums.aux + aux, sums.steps + 1
         if step_counts is not None:
             sums.counts = step_counts if sums.counts is None else sums.counts + step_counts
-        steps_timed += 1
+        steps_timed, tokens_timed = steps_timed + 1, tokens_timed + tokens
         is_eval = (step + 1) % cfg["eval_interval"] == 0 or step + 1 == total
         if step % cfg["log_interval"] == 0 or is_eval:
             check_finite(loop.first_bad, run)     # the one wait on the GPU per log_interval steps
@@ -508,15 +508,17 @@ def tune_loop(model, raw, optimizer, loop, before, base_ref, tok, data, cfg, run
                 torch.cuda.synchronize()
             now = time.time()
             loop.step_times.append((now - t_last) / steps_timed)
-            loop.tokens_per_s.append(tokens * run.world / loop.step_times[-1])   # all ranks, padding included
+            # padding included; this rank's tokens times the world size (ranks pad alike on average)
+            loop.tokens_per_s.append(tokens_timed * run.world / (now - t_last))
             postfix = dict(loss=f"{float(ce):.4f}", lr=f"{lr:.2e}")
             if run.device_type == "cuda":   # MFU by the FLOPs a tuned token really costs (costs.py)
-                seq_len = tokens // cfg["batch_size"] // (cfg["gradient_accumulation_steps"] // run.world)
+                micro_batches = steps_timed * (cfg["gradient_accumulation_steps"] // run.world)
+                seq_len = tokens_timed // micro_batches // cfg["batch_size"]
                 per_token = training_flops_per_token(param_counts, raw.config.n_layer, seq_len, raw.config.n_embd)
                 loop.mfu.append(mfu(per_token * loop.tokens_per_s[-1], cfg["dtype"], cfg["peak_flops"]))
                 postfix["mfu"] = f"{100 * loop.mfu[-1]:.1f}%"
             bar.set_postfix(**postfix)
-            t_last, steps_timed = now, 0
+            t_last, steps_timed, tokens_timed = now, 0, 0
         if is_eval:
             loop.last = evaluate_and_save(raw, optimizer, step + 1, sums, lr, before, base_ref, tok, data, cfg, run)
             sums = SimpleNamespace(ce=0.0, aux=0.0, counts=None, steps=0)

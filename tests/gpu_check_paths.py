@@ -25,7 +25,8 @@ from model import MLP, GPTConfig  # noqa: E402
 from moe import PESCMoE  # noqa: E402
 
 # (E, k, r): PESC's default, the one-adapter baseline (E = 1, k = 1), and a wider one; r = 24 is no
-# power of two (the kernels' r-blocks and grouped_mm's 16-byte rows both see an odd size)
+# power of two and no multiple of 32, so the kernels' warps walk r-blocks that straddle their lanes
+# (grouped_mm's rows stay a multiple of 16 bytes: 48 in bf16 and fp16, 96 in fp32)
 SHAPES = [(8, 2, 24), (1, 1, 24), (16, 4, 24)]
 PATHS = ["loop", "masked", "grouped", "kernels"]
 AUTOCASTS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
@@ -93,7 +94,7 @@ def main():
     side = torch.cuda.Stream() if device.type == "cuda" else None
     default = torch.cuda.current_stream() if device.type == "cuda" else None
     x, mask, grad_y = inputs(device)
-    rows, failures = [], []
+    rows, failures, fallbacks = [], [], 0
     for E, k, r in SHAPES:
         layer = make_layer(E, k, r, device)
         fp32_ref = run_path(layer, "masked", x, mask, grad_y, "fp32", default)
@@ -111,7 +112,14 @@ def main():
                 row["grads_vs_fp32"] = {n: rel_err(g, fp32_ref["grads"][n]) for n, g in out["grads"].items()
                                         if g is not None}
                 worst = max([row["y"], row["aux"]] + list(row["grads"].values()))
-                if not row["routing_exact"] or missing or worst > TOLERANCE[autocast]:
+                # on a GPU every path must really run (a fallback to masked would compare masked with itself),
+                # except grouped where this torch's grouped_mm refuses the dtype (fp16, fp32): that fallback is
+                # the documented behaviour, counted and shown but not a failure
+                dtype = AUTOCASTS[autocast] or torch.float32
+                expected = path == "grouped" and not moe.grouped_mm_works(device, dtype)
+                fell_back = device.type == "cuda" and out["ran"] != path and not expected
+                fallbacks += out["ran"] != path
+                if not row["routing_exact"] or missing or worst > TOLERANCE[autocast] or fell_back:
                     failures.append(f"E={E} k={k} {autocast} {path} (ran {out['ran']}): routing exact "
                                     f"{row['routing_exact']}, missing grads {missing}, worst rel. error {worst:.2e}")
                 rows.append(row)
@@ -121,8 +129,9 @@ def main():
                       + f" | y vs fp32 {row['y_vs_fp32']:.1e}", flush=True)
     if args.out:
         with open(args.out, "w") as f:
-            json.dump(dict(tolerance=TOLERANCE, rows=rows, failures=failures), f, indent=1)
-    print(f"\n{len(rows)} path runs, {len(failures)} outside tolerance {TOLERANCE}")
+            json.dump(dict(tolerance=TOLERANCE, rows=rows, fallbacks=fallbacks, failures=failures), f, indent=1)
+    print(f"\n{len(rows)} path runs, {fallbacks} ran another path, {len(failures)} failed "
+          f"(tolerance {TOLERANCE})")
     for line in failures:
         print("FAIL " + line)
     raise SystemExit(1 if failures else 0)

@@ -609,7 +609,8 @@ PRESERVATION_CASES = [   # method, n_experts, top_k, layers, lora_rank, lora_tar
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 @pytest.mark.parametrize("method,n_experts,top_k,layers,lora_rank,lora_targets,dispatch", [
     case + (dispatch,) for case in PRESERVATION_CASES
-    for dispatch in (("masked", "grouped", "loop") if case[0] == "pesc" else ("masked",))])   # only PESC has paths
+    # the one adapter is a PESC layer with E = 1 and has the same paths; sparse upcycling and LoRA have none
+    for dispatch in (("masked", "grouped", "loop") if case[0] in ("pesc", "adapter") else ("masked",))])
 def test_upcycled_model_computes_the_dense_function(family, method, n_experts, top_k, layers, lora_rank,
                                                     lora_targets, dispatch):
     dense = random_gpt(config=tiny_config() if family == "gpt2" else llama_config()).eval()

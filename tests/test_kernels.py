@@ -500,6 +500,23 @@ def test_argument_checks(gpu, kernels):
             call()
 
 
+def test_wrappers_accept_non_contiguous_inputs(gpu):
+    """The extension refuses strided tensors (test_argument_checks); the autograd wrappers make their
+    inputs contiguous first, so transposed views (as a caller may hold) give the references' results."""
+    N, E, k, r = 37, 8, 2, 16
+    logits_t = gapped_logits(N, E, seed=5).t().contiguous().t().to(gpu)   # (N, E), stored column-major
+    assert not logits_t.is_contiguous()
+    weights, indices, probs, counts = route_cuda(logits_t, k)
+    ref = route(logits_t.contiguous(), k)
+    assert torch.equal(indices, ref[1]) and torch.equal(counts, ref[3])
+    assert_close(weights, ref[0], 1e-6, 1e-5)
+    assert_close(probs, ref[2], 1e-6, 1e-5)
+    p_t = torch.randn(E * r, N, device=gpu).t()                          # (N, E*r), strided
+    assert not p_t.is_contiguous()
+    a = gate_gelu_mask_cuda(p_t, indices, weights, E, 0.5)
+    assert_close(a, gate_gelu_mask_reference(p_t.contiguous(), indices, weights, E, 0.5), 1e-6, 1e-5)
+
+
 def test_empty_batch(gpu):
     weights, indices, probs, counts = route_cuda(torch.empty(0, 8, device=gpu), 2)
     assert weights.shape == (0, 2) and probs.shape == (0, 8) and counts.tolist() == [0] * 8

@@ -59,6 +59,16 @@ def test_training_reduces_held_out_loss(tuned):
     assert result["counts"]["trainable"] == 4 * 2 * 32 * 8 + 32 * 4 + 4 * (32 + 96) + 4 * (32 + 32)
 
 
+def test_result_json_records_throughput(tuned):
+    out, result = tuned
+    with open(os.path.join(out, "result.json")) as f:
+        assert json.load(f) == result
+    assert result["mfu"] is None                          # MFU only on a GPU (a peak FLOP rate to divide by)
+    # tokens per step = tokens/s x s/step: 8 sequences (--batch_size=8) padded to the longest, <= 128 tokens each
+    # (a rate of steps, or of sequences, or per millisecond would land outside)
+    assert 8 * 10 <= result["tokens_per_s"] * result["step_time_s"] <= 8 * 128
+
+
 def test_second_run_reuses_the_cached_base(tuned, capsys):
     out, _ = tuned
     mtime = os.path.getmtime(f"{out}/base.pt")
