@@ -74,14 +74,6 @@ class LoRALinear(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.merged = False
 
-    @property
-    def in_features(self):
-        return self.base.in_features
-
-    @property
-    def out_features(self):
-        return self.base.out_features
-
     def delta_weight(self):
         return self.scaling * (self.lora_B @ self.lora_A)  # (out, in)
 

@@ -325,7 +325,7 @@ def train_step_models(args, device, vocab_size, block_size):
         if method == "full":
             model.requires_grad_(True)
         else:
-            upcycle(model, method, n_experts=max(E, 1), top_k=max(k, 1), adapter_dim=args.r, lora_rank=8, verbose=False)
+            upcycle(model, method, n_experts=E, top_k=k, adapter_dim=args.r, lora_rank=8, verbose=False)
         model.to(device)
         models[name] = (model, make_optimizer(model, 1e-3, 0.0, device.type))
     return models
@@ -467,7 +467,7 @@ def eval_bench(args):
     and, never having learned to stop, writes every token it may) and after (the checkpoint) -- with
     the KV cache and without it (the whole prefix again for every token), in turn. The answers must
     be identical."""
-    from checkpoint import build_model, read_checkpoint
+    from checkpoint import build_model, load_base, read_checkpoint
     from data.instruct import make_instruction_set
     from evaluate import greedy_answers
     from tokenizer import load_tokenizer
@@ -475,8 +475,8 @@ def eval_bench(args):
     device, autocast, device_name = device_setup(args)
     ckpt = read_checkpoint(args.ckpt)
     tuned = build_model(ckpt, args.ckpt).to(device).eval()
-    base_path = ckpt["base"]["path"]
-    before = upcycle(build_model(read_checkpoint(base_path), base_path), **ckpt["upcycle_args"], verbose=False)
+    before = upcycle(load_base(ckpt["base"], args.ckpt, ckpt["model_args"]["dropout"]), **ckpt["upcycle_args"],
+                     verbose=False)   # the base as the checkpoint names it (checked by sha256), upcycled afresh
     tok = load_tokenizer(ckpt["tokenizer"])
     cfg = ckpt["config"]
     examples = make_instruction_set(seed=cfg["data_seed"], n_train=cfg["n_train"], n_val=cfg["n_val"])["val"]

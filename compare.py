@@ -30,6 +30,7 @@ from contextlib import nullcontext
 import torch
 
 from data.instruct import FAMILIES
+from evaluate import read_log
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 RUNS = ["full", "adapter", "adapter_wide", "lora", "sparse8", "pesc4", "pesc8", "pesc16", "pesc8_nf4"]
@@ -57,11 +58,6 @@ def run_all(out, seeds):
         if r.returncode != 0:
             sys.exit(f"{' '.join(cmd)} failed; see {log.name}")
     print(f"all runs finished in {time.time() - t0:.0f} s")
-
-
-def read_log(run_dir):
-    with open(os.path.join(run_dir, "log.jsonl")) as f:
-        return [json.loads(line) for line in f]
 
 
 def mean_std(values):
@@ -243,7 +239,7 @@ def sizes():
     for name in ("GPT-2 124M", "SmolLM2-135M", "Qwen2.5-0.5B", "Llama-3.2-1B"):
         for method in ("full", "pesc", "sparse"):
             c = count_params(meta_model(SHAPES[name], method, n_experts=8, top_k=2, adapter_dim=64))
-            trainable = c["total"] if method == "full" else c["trainable"]
+            trainable = c["trainable"]   # a full fine-tune: every parameter (a fresh model trains all)
             label = {"full": "full fine-tune", "pesc": "PESC E=8, r=64", "sparse": "sparse upcycling E=8"}[method]
             print(f"| {name} | {label} | {c['total'] / 1e6:.1f}M | {trainable / 1e6:.2f}M | {c['active'] / 1e6:.1f}M | "
                   f"{8 * trainable / 2**30:.2f} GiB |")

@@ -1,10 +1,14 @@
 """
 Evaluation on a held-out instruction split: response loss, greedy answers and exact match, and the
-expert load (how the router spreads the assignments). Used by train.py, compare.py and the tests.
+expert load (how the router spreads the assignments), and the run's evaluation log (one JSON line per
+evaluation in out_dir/log.jsonl). Used by train.py, compare.py and the tests.
 
     loss, counts = response_loss(model, encoded, batch_size=32, pad_id=tok.pad_id, device="cpu", ctx=nullcontext())
     accuracy = exact_match(model, tok, examples, max_new_tokens=16, device="cpu", ctx=nullcontext())
 """
+
+import json
+import os
 
 import torch
 import torch.nn.functional as F
@@ -82,3 +86,15 @@ def load_summary(expert_counts):
         return None
     shares = expert_counts / expert_counts.sum(dim=1, keepdim=True).clamp(min=1)
     return [(round(float(s.min()), 4), round(float(s.max()), 4)) for s in shares]
+
+
+def log_row(path, row):
+    """Appends one evaluation's row to the log (log.jsonl)."""
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def read_log(run_dir):
+    """The rows of run_dir/log.jsonl, in order."""
+    with open(os.path.join(run_dir, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]

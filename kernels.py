@@ -241,8 +241,8 @@ def gate_gelu_mask_backward_reference(grad_a, p, indices, weights, n_experts, sc
     da = grad_a.view(N, n_experts, -1)
     cdf = 0.5 * (1.0 + torch.erf(x * math.sqrt(0.5)))
     pdf = torch.exp(-0.5 * x * x) / math.sqrt(2.0 * math.pi)
-    gates = torch.zeros(N, n_experts, dtype=weights.dtype, device=weights.device).scatter(1, indices, weights)
-    gates = gates.to(p.dtype)[:, :, None]                                  # (N, E, 1)
+    from moe import expert_gates                                          # here: moe.py imports this file
+    gates = expert_gates(indices, weights, n_experts).to(p.dtype)[:, :, None]   # (N, E, 1)
     grad_p = scale * gates * da * (cdf + x * pdf)
     grad_gates = scale * (da * x * cdf).sum(-1)                           # (N, E)
     return grad_p.view(N, -1), grad_gates.gather(1, indices).to(weights.dtype)

@@ -142,16 +142,27 @@ def route_and_balance(layer, logits, token_mask, fused=False):
 # the adapter sum, three ways: sum_{(n, j)} gates[n, j] * W_up_e GELU(W_down_e u[n]), e = indices[n, j]
 # (gates = s * the Eq. 9 weights; s is folded in once, on the (N, k) gates)
 
-def adapters_loop(u, w_down, w_up, gates, indices, dropout):
-    """Mixtral style: run each expert only on the tokens routed to it. u (N, d), w_down and w_up
-    (E, r, d), gates (N, k), indices (N, k). Dropout on each gathered row: per (token, slot)."""
-    out = torch.zeros_like(u)
+def loop_over_experts(x, gates, indices, expert):
+    """Mixtral style: run each expert that was hit only on the tokens routed to it and add its gated
+    output back, out[n] = sum_j gates[n, j] * expert(e, x[n]) with e = indices[n, j]. x (N, d),
+    gates and indices (N, k); expert(e, rows) -> that expert's output for the rows."""
+    out = torch.zeros_like(x)
     for e in indices.unique().tolist():                      # host sync: which experts were hit
         token, slot = torch.where(indices == e)              # the (token, slot) pairs routed to e
-        x = dropout(u.index_select(0, token))                # (n_e, d)
-        delta = F.gelu(x @ w_down[e].t()) @ w_up[e]          # (n_e, r) -> (n_e, d)
-        out.index_add_(0, token, (gates[token, slot, None] * delta).to(out.dtype))
+        out.index_add_(0, token, (gates[token, slot, None] * expert(e, x.index_select(0, token))).to(out.dtype))
     return out
+
+
+def adapters_loop(u, w_down, w_up, gates, indices, dropout):
+    """The adapters through loop_over_experts. u (N, d), w_down and w_up (E, r, d). Dropout on each
+    gathered row: per (token, slot)."""
+    return loop_over_experts(u, gates, indices, lambda e, x: F.gelu(dropout(x) @ w_down[e].t()) @ w_up[e])
+
+
+def expert_gates(indices, weights, n_experts):
+    """(N, k) router weights -> dense (N, E) gates: the weight for each selected expert, 0 elsewhere."""
+    zeros = torch.zeros(indices.size(0), n_experts, dtype=weights.dtype, device=weights.device)
+    return zeros.scatter(1, indices, weights)
 
 
 def gate_gelu_mask(p, indices, weights, n_experts, scale):
@@ -159,8 +170,7 @@ def gate_gelu_mask(p, indices, weights, n_experts, scale):
     s * g_e * GELU(p) in each selected expert's r-block, zeros elsewhere. This is the PyTorch
     reference of the fused gate-GELU-mask kernel."""
     N = p.size(0)
-    gates = torch.zeros(N, n_experts, dtype=weights.dtype, device=weights.device)
-    gates = (scale * gates.scatter(1, indices, weights)).to(p.dtype)           # (N, E), zero where not picked
+    gates = (scale * expert_gates(indices, weights, n_experts)).to(p.dtype)    # (N, E), zero where not picked
     return (F.gelu(p).view(N, n_experts, -1) * gates[:, :, None]).view(N, -1)  # (N, E, r) -> (N, E*r)
 
 
@@ -185,7 +195,7 @@ def adapters_grouped(u, w_down, w_up, gates, indices, counts, dropout):
     # than the accumulating index_put of advanced indexing
     x = dropout(u.index_select(0, token))                             # (N*k, d): dropout per (token, slot)
     ends = counts.cumsum(0).to(torch.int32)                           # (E,): where each expert's rows end
-    dtype = torch.get_autocast_dtype(u.device.type) if torch.is_autocast_enabled(u.device.type) else x.dtype
+    dtype = compute_dtype(x)
     x, wd, wu = x.to(dtype), w_down.to(dtype), w_up.to(dtype)         # grouped_mm wants one dtype (bf16 on CUDA)
     hidden = F.gelu(F.grouped_mm(x, wd.transpose(1, 2), offs=ends))   # (N*k, r): x_row @ W_down_e^T
     y = F.grouped_mm(hidden, wu, offs=ends)                           # (N*k, d): hidden_row @ W_up_e^T
@@ -197,6 +207,11 @@ def adapters_grouped(u, w_down, w_up, gates, indices, counts, dropout):
 # which path runs
 
 GROUPED_MIN_RATIO = 2.0   # grouped beats masked on the CPU when E/k is above this (bench.py's layer table, README)
+
+
+def compute_dtype(x):
+    """The dtype a matmul on x computes in: the autocast dtype when autocast is on, else x's."""
+    return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
 
 
 def grouped_mm_works(device, dtype):
@@ -253,15 +268,15 @@ def resolve_dispatch(wanted, h, logits, n_experts, top_k, r):
     if path == "kernels" and (compiling or not kernels.usable(h, logits)):
         path = "masked"                         # (torch.compile fuses the masked path's ops itself)
     if path == "grouped":
-        dtype = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else h.dtype
+        dtype = compute_dtype(h)
+        aligned = all(size * dtype.itemsize % 16 == 0 for size in (r, h.size(1)))
         if compiling:
-            aligned = all(size * dtype.itemsize % 16 == 0 for size in (r, h.size(1)))
             return "grouped" if hasattr(F, "grouped_mm") and aligned else "masked"
         if not grouped_mm_works(h.device, dtype):
             say_once(f"moe: grouped_mm is missing or refuses {h.device.type}/{dtype} in torch {torch.__version__}; "
                      f"the masked path runs instead")
             path = "masked"
-        elif any(size * dtype.itemsize % 16 for size in (r, h.size(1))):
+        elif not aligned:
             say_once(f"moe: grouped_mm needs rows of a multiple of 16 bytes; r={r}, d={h.size(1)} in {dtype} are not: "
                      f"the masked path runs instead")
             path = "masked"
@@ -362,10 +377,7 @@ class SparseUpcycledMoE(nn.Module):
         h = h.reshape(-1, shape[-1])                                     # (N, d)
         logits = self.router(h)                                          # (N, E) fp32
         weights, indices, _, routing = route_and_balance(self, logits, token_mask)
-        y = torch.zeros_like(h)
-        for e in indices.unique().tolist():                              # host sync: which experts were hit
-            token, slot = torch.where(indices == e)
-            y.index_add_(0, token, (weights[token, slot, None] * self.experts[e](h.index_select(0, token))).to(y.dtype))
+        y = loop_over_experts(h, weights, indices, lambda e, x: self.experts[e](x))
         return y.view(shape), routing
 
     def params_per_expert(self):

@@ -119,7 +119,8 @@ def take(state, mapping, shapes, source, family, transposed=()):
             problems.append(f"{file_key}: expected shape {expected}, got {tuple(tensor.shape)}")
             continue
         out[key] = tensor.t().contiguous() if file_key.endswith(transposed) else tensor
-    unused = [k for k in state if k not in set(mapping.values()) and not k.endswith(IGNORED_KEYS)]
+    wanted = set(mapping.values())
+    unused = [k for k in state if k not in wanted and not k.endswith(IGNORED_KEYS)]
     if unused:
         problems.append(f"unexpected keys {unused[:5]}")
     if problems:

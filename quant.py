@@ -310,11 +310,14 @@ class Linear4bit(nn.Module):
             return (self.absmax,)
         return (self.absmax_codes, self.absmax_scale, self.absmax_offset)
 
+    def _meta(self, dtype):
+        """What _weight_from_storage needs besides the tensors: shape, block sizes, compute dtype."""
+        return (self.out_features, self.in_features), self.block_size, self.dq_block_size, dtype
+
     def dequantized_weight(self, dtype=torch.float32):
         """The weight the layer computes with, (out_features, in_features) in `dtype` (no grad)."""
-        meta = ((self.out_features, self.in_features), self.block_size, self.dq_block_size, dtype)
         with torch.no_grad():
-            return _weight_from_storage(meta, self.codes, self._storage())
+            return _weight_from_storage(self._meta(dtype), self.codes, self._storage())
 
     def forward(self, x):
         # Compute in x's dtype, or in the autocast dtype when autocast is on (what nn.Linear would get).
@@ -323,8 +326,7 @@ class Linear4bit(nn.Module):
             dtype = torch.get_autocast_dtype(device_type)
         else:
             dtype = x.dtype
-        meta = ((self.out_features, self.in_features), self.block_size, self.dq_block_size, dtype)
-        y = _NF4LinearFunction.apply(x.to(dtype), meta, self.codes, *self._storage())  # (..., out)
+        y = _NF4LinearFunction.apply(x.to(dtype), self._meta(dtype), self.codes, *self._storage())  # (..., out)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y

@@ -18,7 +18,7 @@ import torch
 
 from checkpoint import build_model, read_checkpoint
 from configurator import parse_config, settings
-from data.instruct import decode_response, format_prompt
+from data.instruct import decode_response, encode_prompt, format_prompt
 from tokenizer import load_tokenizer
 
 ckpt = "out/ckpt.pt"
@@ -66,7 +66,7 @@ def main(argv):
     if cfg["show_experts"] and not model.moe_layers():
         raise ValueError(f"{cfg['ckpt']} has no MoE layers (method {checkpoint.get('method')!r}): no experts to show")
     text = cfg["prompt"] if cfg["raw"] else format_prompt(cfg["prompt"], cfg["prompt_input"])
-    ids = ([] if tok.bos_id is None else [tok.bos_id]) + tok.encode(text)
+    ids = encode_prompt(tok, text)
     idx = torch.tensor([ids], dtype=torch.long, device=cfg["device"])
     torch.manual_seed(cfg["seed"])
     outputs = []

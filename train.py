@@ -47,7 +47,7 @@ from costs import mfu, training_flops_per_token
 from data.instruct import (FAMILIES, batch_at, encode_dataset, format_prompt, load_instruction_file,
                            make_instruction_set)
 from data.pydocs import encode_corpus, load_pydocs_documents, pretrain_batch, train_val_split
-from evaluate import add_counts, exact_match, greedy_answers, load_summary, response_loss
+from evaluate import add_counts, exact_match, greedy_answers, load_summary, log_row, response_loss
 from hub import DATASETS, fetch_dataset, is_url
 from model import GPT, GPTConfig
 from moe import check_dispatch
@@ -232,8 +232,14 @@ def pretrain_base(cfg, run):
 
 
 def load_base(cfg, run):
-    """Returns (dense model on the CPU, tokenizer, the base reference for delta checkpoints)."""
+    """Returns (dense model on the CPU, tokenizer, the base reference for delta checkpoints; None where
+    none will be written: a full fine-tune, or a rank other than 0)."""
     init = cfg["init_from"]
+
+    def reference(path, fmt, dtype=None):
+        # only delta checkpoints name their base, and only rank 0 writes them: hash the weights there alone
+        return base_reference(path, fmt, dtype) if run.master and cfg["method"] != "full" else None
+
     if init in ("base", "scratch"):   # rank 0 decides and pretrains; every rank meets at the barrier
         if run.master and (init == "scratch" or not os.path.exists(cfg["base_ckpt"])):
             pretrain_base(cfg, run)
@@ -253,13 +259,13 @@ def load_base(cfg, run):
                                  f"--init_from=scratch to pretrain a new base, or set base_ckpt to another path")
         run.say(f"loaded the dense base from {path}")
         model = build_model(ckpt, path, dropout=cfg["dropout"])
-        return model, load_tokenizer(ckpt["tokenizer"]), base_reference(path, "train.py")
+        return model, load_tokenizer(ckpt["tokenizer"]), reference(path, "train.py")
     from pretrained import resolve, tokenizer_for   # a Hugging Face checkpoint: downloaded once if need be
     source = resolve(init)
-    dtype = DTYPES[cfg["load_dtype"]]
-    model = GPT.from_pretrained(source, dtype=dtype if dtype != torch.float32 else None, dropout=cfg["dropout"])
+    dtype = None if cfg["load_dtype"] == "float32" else DTYPES[cfg["load_dtype"]]   # None: fp32
+    model = GPT.from_pretrained(source, dtype=dtype, dropout=cfg["dropout"])
     run.say(f"loaded {init} from {source}")
-    return model, tokenizer_for(source), base_reference(source, "hf", dtype if dtype != torch.float32 else None)
+    return model, tokenizer_for(source), reference(source, "hf", dtype)
 
 
 def prepare(model, cfg, verbose):
@@ -381,11 +387,6 @@ def check_finite(first_bad, run):
                                  f"this state (the last good checkpoint, if any, is {run.ckpt_path}). Lower "
                                  f"learning_rate or check the data.")
 
-
-
-def log_row(path, row):
-    with open(path, "a") as f:
-        f.write(json.dumps(row) + "\n")
 
 
 def evaluate_before(raw, tok, data, cfg, run):

@@ -67,13 +67,12 @@ def upcycle(model, method="pesc", *, n_experts=8, top_k=2, adapter_dim=64, adapt
                               dispatch=dispatch, **like)
     if quantize_base:   # after the layers are built (they share the FFN modules): a bad size changed nothing
         quantize_frozen_projections(model)
+    # freeze the base, then attach the new layers: their adapters, routers and (sparse) FFN copies were
+    # created trainable, and a PESC layer's shared FFN, the base's own module, is frozen with the base
     model.requires_grad_(False)
     for i, moe in moes.items():
         blocks[i].mlp = moe
-        moe.requires_grad_(True)
         moe.router.requires_grad_(n_experts > 1)   # one expert: the gate is softmax of one logit == 1
-        if method != "sparse":
-            moe.ffn.requires_grad_(False)           # the shared expert body stays frozen
     if lora_rank > 0:
         for block in blocks:
             add_lora(block, lora_rank, lora_alpha, lora_dropout, lora_targets, like["dtype"])

@@ -307,11 +307,15 @@ def load_instruction_file(path):
 # -----------------------------------------------------------------------------
 # tokenizing and batching (tok: a tokenizer.Tokenizer)
 
+def encode_prompt(tok, text):
+    """Token ids of a prompt's text as training, evaluation and sampling all see it: the tokenizer's
+    BOS first when its model was trained with one (Llama-3), then the text."""
+    return ([] if tok.bos_id is None else [tok.bos_id]) + tok.encode(text)
+
+
 def prompt_ids(tok, ex):
-    """The token ids of an example's prompt, as training, evaluation and sampling all see it: the
-    tokenizer's BOS first when its model was trained with one (Llama-3), then the template."""
-    bos = [] if tok.bos_id is None else [tok.bos_id]
-    return bos + tok.encode(format_prompt(ex["instruction"], ex.get("input", "")))
+    """The token ids of an example's prompt: its template through encode_prompt."""
+    return encode_prompt(tok, format_prompt(ex["instruction"], ex.get("input", "")))
 
 
 def encode_example(tok, ex, block_size):

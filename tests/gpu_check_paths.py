@@ -99,7 +99,7 @@ def main():
         layer = make_layer(E, k, r, device)
         fp32_ref = run_path(layer, "masked", x, mask, grad_y, "fp32", default)
         for autocast in ("bf16", "fp16", "fp32"):
-            ref = run_path(layer, "masked", x, mask, grad_y, autocast, default)
+            ref = fp32_ref if autocast == "fp32" else run_path(layer, "masked", x, mask, grad_y, autocast, default)
             for path in PATHS:
                 out = run_path(layer, path, x, mask, grad_y, autocast, side)
                 row = dict(E=E, k=k, r=r, autocast=autocast, path=path, ran=out["ran"],

@@ -7,7 +7,6 @@ corrupt, foreign or old files, a stop on NaN that names the step, Ctrl-C, and DD
 """
 
 import hashlib
-import json
 import os
 import re
 import shutil
@@ -25,7 +24,7 @@ import train
 from checkpoint import (base_reference, build_model, make_checkpoint, read_checkpoint, rng_state, save_checkpoint,
                         set_rng_state)
 from data.instruct import encode_dataset, make_instruction_set
-from evaluate import response_loss
+from evaluate import read_log, response_loss
 from tokenizer import byte_tokenizer
 from upcycle import upcycle
 
@@ -37,9 +36,6 @@ TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=128", "--pretr
 RANDOM = ["--dropout=0.1", "--adapter_dropout=0.1", "--lora_dropout=0.1", "--router_jitter=0.1"]
 
 
-def read_log(out_dir):
-    with open(os.path.join(out_dir, "log.jsonl")) as f:
-        return [json.loads(line) for line in f]
 
 
 @pytest.fixture(scope="module")

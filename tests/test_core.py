@@ -21,6 +21,7 @@ from torch.func import functional_call
 
 import moe
 from adapters import Adapter, LoRALinear
+from helpers import spread_routers
 from model import GPT, MLP, GPTConfig, SwiGLU
 from moe import PESCMoE, Router, SparseUpcycledMoE, load_balancing_loss, route, router_z_loss
 from quant import Linear4bit
@@ -61,28 +62,6 @@ def random_gpt(seed=0, config=None):
         else:
             p.normal_(0.0, 0.1)
     return model
-
-
-@torch.no_grad()
-def spread_routers(model, idx, seed=0, logit_std=3.0):
-    """Router weights that spread the tokens of idx over the experts. The router's own init gives
-    near-tied logits, and even a large random W_r often leaves an expert without a single token,
-    because the residual stream has a big component shared by all tokens. So: random directions
-    orthogonal to the mean of each MoE layer's input, scaled to logits of std logit_std."""
-    inputs = {}
-    hooks = [layer.register_forward_pre_hook(lambda m, args: inputs.__setitem__(m, args[0].flatten(0, -2)))
-             for layer in model.moe_layers()]
-    model(idx)
-    for hook in hooks:
-        hook.remove()
-    g = torch.Generator().manual_seed(seed)
-    for layer in model.moe_layers():
-        h = inputs[layer]                                                  # (N, d)
-        mean = F.normalize(h.mean(dim=0), dim=0)                           # (d,)
-        w = torch.randn(layer.n_experts, h.size(1), generator=g)           # (E, d)
-        w -= (w @ mean)[:, None] * mean                                    # w . mean = 0
-        w *= logit_std / (h @ w.t()).std()
-        layer.router.gate.weight.copy_(w.to(layer.router.gate.weight.dtype))
 
 
 def tokens(seed, B=2, t=T):

@@ -285,15 +285,3 @@ def test_empty_files_have_no_records(tmp_path, name, text):
 def test_unknown_extension(tmp_path):
     with pytest.raises(ValueError, match=r"\.json.*\.jsonl"):
         load_instruction_file(write(tmp_path, "data.csv", "a,b\n"))
-
-
-def test_scripts_turn_an_unfetchable_tokenizer_into_a_user_error(monkeypatch):
-    """Offline, tiktoken's GPT-2 BPE files are a ValueError with advice (the scripts print it as
-    'error: ...'), not a traceback."""
-    from tokenizer import load_tokenizer
-
-    def offline(name):
-        raise ConnectionError("no network")
-    monkeypatch.setattr("tiktoken.get_encoding", offline)
-    with pytest.raises(ValueError, match="TIKTOKEN_CACHE_DIR"):
-        load_tokenizer(dict(kind="gpt2"))

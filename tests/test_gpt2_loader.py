@@ -11,7 +11,6 @@ loader's errors and the named-model cache. CPU only, no network (a closed port o
 import json
 import math
 import os
-import socket
 import struct
 
 import pytest
@@ -226,16 +225,9 @@ def test_unreadable_file(tmp_path):
         GPT.from_pretrained(tmp_path)
 
 
-def closed_port():
-    """A port on 127.0.0.1 where nothing listens: what a download meets on a machine without a network."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_named_model_offline_says_where_to_put_the_files(tmp_path, monkeypatch):
+def test_named_model_offline_says_where_to_put_the_files(tmp_path, monkeypatch, dead_endpoint):
     monkeypatch.setenv("PESC_CACHE", str(tmp_path))
-    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{closed_port()}")
+    monkeypatch.setenv("HF_ENDPOINT", dead_endpoint)
     with pytest.raises(FileNotFoundError) as info:
         GPT.from_pretrained("gpt2")
     message = str(info.value)
@@ -244,11 +236,11 @@ def test_named_model_offline_says_where_to_put_the_files(tmp_path, monkeypatch):
     assert not any(f for _, _, files in os.walk(tmp_path) for f in files if not f.endswith(".part"))
 
 
-def test_named_model_from_cache(tmp_path, monkeypatch):
+def test_named_model_from_cache(tmp_path, monkeypatch, dead_endpoint):
     """A cached "gpt2" (config.json and weights in $PESC_CACHE/gpt2) loads without any network;
     its n_head (12) comes from the model name."""
     monkeypatch.setenv("PESC_CACHE", str(tmp_path))
-    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{closed_port()}")
+    monkeypatch.setenv("HF_ENDPOINT", dead_endpoint)
     sizes = dict(n_layer=1, n_head=12, n_embd=24, n_positions=6, vocab_size=30)
     state = hf_gpt2_state(**sizes, seed=6)
     write_checkpoint(tmp_path / "gpt2", state, sizes)

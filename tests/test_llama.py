@@ -28,9 +28,6 @@ import os
 import shutil
 import struct
 import sys
-import threading
-import urllib.parse
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import torch
@@ -38,6 +35,8 @@ import torch
 import checkpoint
 import sample
 import train
+from evaluate import read_log
+from helpers import FakeHub, isolate_from_network, spread_routers
 from model import GPT
 from tokenizer import load_tokenizer
 from upcycle import upcycle
@@ -399,30 +398,6 @@ def test_unsupported_config_is_named(tmp_path, change, words):
 # -----------------------------------------------------------------------------
 # upcycling a loaded Llama model
 
-@torch.no_grad()
-def spread_routers(model, idx, seed=0, logit_std=3.0):
-    """Router weights that send the tokens of idx to every expert: random directions orthogonal to
-    the mean input of each MoE layer (the part all tokens share), scaled to logits of std logit_std.
-    The routers' own init leaves logits nearly tied and some experts without tokens."""
-    seen = {}
-    hooks = [moe.register_forward_pre_hook(lambda m, args: seen.__setitem__(m, args[0].reshape(-1, args[0].size(-1))))
-             for moe in model.moe_layers()]
-    try:
-        model(idx)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    g = torch.Generator().manual_seed(seed)
-    for moe in model.moe_layers():
-        h = seen[moe].float()
-        mean = h.mean(dim=0)
-        mean = mean / mean.norm()
-        w = torch.randn(moe.n_experts, h.size(1), generator=g)
-        w = w - (w @ mean)[:, None] * mean[None, :]
-        w = w * (logit_std / (h @ w.t()).std())
-        moe.router.gate.weight.copy_(w)
-
-
 def expert_counts(model, idx):
     with torch.no_grad():
         _, _, routing = model(idx)
@@ -598,8 +573,7 @@ TRAIN_ARGS = ["--max_iters=4", "--eval_interval=2", "--n_train=60", "--n_val=6",
 
 
 def check_run(out, base_folder):
-    with open(os.path.join(out, "log.jsonl")) as f:
-        rows = [json.loads(line) for line in f]
+    rows = read_log(out)
     assert [(r["stage"], r["step"]) for r in rows] == [("before", 0), ("tune", 2), ("tune", 4)]
     assert all(math.isfinite(r["val_loss"]) for r in rows)
     assert "exact_match" in rows[-1]
@@ -624,58 +598,22 @@ def test_train_and_sample_from_a_llama_folder(tmp_path):
     check_run(out, folder)
 
 
-class TinyHub:
-    """Serves files at /<repo id>/resolve/main/<name> from 127.0.0.1 (a free port); 404 otherwise."""
-
-    def __init__(self):
-        self.files, self.requests = {}, []
-        hub = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self):
-                path = urllib.parse.unquote(self.path)
-                hub.requests.append(path)
-                if path not in hub.files:
-                    return self.send_error(404)
-                body = hub.files[path]
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, kwargs=dict(poll_interval=0.05), daemon=True)
-        self.thread.start()
-
-    def add_repo(self, repo_id, folder):
-        for name in os.listdir(folder):
-            with open(os.path.join(folder, name), "rb") as f:
-                self.files[f"/{repo_id}/resolve/main/{name}"] = f.read()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
-
-
 def test_train_and_sample_from_a_hub_repo_id(tmp_path, monkeypatch):
-    for var in ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "HF_TOKEN"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("no_proxy", "127.0.0.1")
-    monkeypatch.setenv("PESC_CACHE", str(tmp_path / "cache"))
+    isolate_from_network(monkeypatch, tmp_path / "cache")
     monkeypatch.chdir(tmp_path)   # "tiny-org/tiny-llama" must not exist as a relative path
-    hub = TinyHub()
+    hub = FakeHub(str(tmp_path / "hub"))
     try:
-        hub.add_repo("tiny-org/tiny-llama", train_folder(tmp_path / "served"))
+        folder, served = train_folder(tmp_path / "served"), set()
+        for name in os.listdir(folder):
+            served.add(f"/tiny-org/tiny-llama/resolve/main/{name}")
+            with open(os.path.join(folder, name), "rb") as f:
+                hub.add(f"/tiny-org/tiny-llama/resolve/main/{name}", f.read())
         monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)
         out = str(tmp_path / "out")
         train.main(["--init_from=tiny-org/tiny-llama", f"--out_dir={out}", "--load_dtype=bfloat16"] + TRAIN_ARGS)
-        fetched = {p.rsplit("/", 1)[1] for p in hub.requests if p in hub.files}
+        fetched = {p.rsplit("/", 1)[1] for p in hub.paths() if p in served}
         assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= fetched
-        assert all(p.startswith("/tiny-org/tiny-llama/resolve/main/") for p in hub.requests)
+        assert all(p.startswith("/tiny-org/tiny-llama/resolve/main/") for p in hub.paths())
         check_run(out, str(tmp_path / "cache" / "tiny-org" / "tiny-llama"))
         ckpt = checkpoint.read_checkpoint(f"{out}/ckpt.pt")
         assert ckpt["base"]["dtype"] == "bfloat16"   # the base is rebuilt as it was tuned: in bf16

@@ -15,7 +15,6 @@ import struct
 import pytest
 import torch
 
-import tensorfile
 from tensorfile import (find_weight_files, read_folder, read_safetensors, read_safetensors_header,
                         read_torch_bin, read_weights)
 

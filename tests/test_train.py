@@ -20,7 +20,7 @@ import train
 from checkpoint import build_model, read_checkpoint
 from configurator import parse_config
 from costs import mfu, training_flops_per_token
-from evaluate import greedy_answers
+from evaluate import greedy_answers, read_log
 from model import GPT, MLP, GPTConfig
 from moe import PESCMoE
 from optim import make_optimizer
@@ -34,9 +34,6 @@ TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=128", "--pretr
         "--dtype=float32", "--log_interval=1000"]
 
 
-def read_log(out_dir):
-    with open(os.path.join(out_dir, "log.jsonl")) as f:
-        return [json.loads(line) for line in f]
 
 
 @pytest.fixture(scope="module")
