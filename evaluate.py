@@ -34,7 +34,8 @@ def response_loss(model, encoded, batch_size, pad_id, device, ctx):
     total = torch.zeros((), device=device, dtype=torch.float64)
     count, expert_counts = 0, None
     for i in range(0, len(encoded), batch_size):
-        idx, targets, mask = (t.to(device) for t in collate(encoded[i:i + batch_size], pad_id))
+        idx, targets, mask = collate(encoded[i:i + batch_size], pad_id)
+        idx, targets = idx.to(device), targets.to(device)      # the mask stays on the host (model.py, Unpadded)
         with ctx:
             logits, _, routing = model(idx, targets, mask)
         total += F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1),

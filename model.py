@@ -19,6 +19,14 @@ How routing statistics and the aux loss travel -- the one channel, explicit in t
   routing.counts for the logged expert load; evaluate.py sums the counts over a split; sample.py
   --show_experts reads routing.indices. No module keeps state about the last forward.
 
+Padding: a batch of instruction examples is right-padded to its longest row (data/instruct.py,
+collate). Given the token_mask, GPT.forward drops the padding positions once, after the embeddings:
+every per-token layer (norms, projections, the FFN or MoE layer, the LM head) then runs on the real
+tokens only, (N_real, d) -- on the default run ~30 % of the positions are padding. Only attention
+needs the (B, T) layout back: it scatters q, k, v into it (Unpadded.pad) and gathers its output
+again. Right padding and the causal mask keep every real token's result exactly what it is in the
+padded batch, and the MoE layers see only real tokens, so padding never enters the aux loss or counts.
+
 References: nanoGPT (karpathy/nanoGPT); gpt-fast (pytorch-labs/gpt-fast) for the KV cache; the
 Hugging Face Llama / Qwen2 modeling files for RoPE's rotate-half layout and llama3 scaling.
 Loading Hugging Face checkpoints lives in pretrained.py (GPT.from_pretrained calls it).
@@ -183,13 +191,16 @@ class CausalSelfAttention(nn.Module):
             self.o_proj = nn.Linear(config.n_head * hs, d, bias=False)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, rope=None, cache=None):
-        B, T, C = x.size()
+    def forward(self, x, rope=None, cache=None, unpadded=None):
+        """x (B, T, C), or (N_real, C) with `unpadded` (see the top of the file)."""
         nh, nkv, hs = self.n_head, self.n_kv_head, self.head_dim
         if self.fused_qkv:
-            q, k, v = self.c_attn(x).split(C, dim=2)
+            q, k, v = self.c_attn(x).split(x.size(-1), dim=-1)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if unpadded is not None:   # projected per real token; attention works on the (B, T) layout
+            q, k, v = unpadded.pad(q), unpadded.pad(k), unpadded.pad(v)
+        B, T = q.shape[:2]
         q = q.view(B, T, nh, hs).transpose(1, 2)    # (B, nh, T, hs)
         k = k.view(B, T, nkv, hs).transpose(1, 2)   # (B, nkv, T, hs)
         v = v.view(B, T, nkv, hs).transpose(1, 2)   # (B, nkv, T, hs)
@@ -210,6 +221,8 @@ class CausalSelfAttention(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                            dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).contiguous().view(B, T, nh * hs)   # (B, T, nh * hs)
+        if unpadded is not None:
+            y = unpadded.unpad(y)                                 # (N_real, nh * hs)
         return self.resid_dropout(self.c_proj(y) if self.fused_qkv else self.o_proj(y))
 
 
@@ -258,14 +271,31 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config, layer_idx)
         self.mlp = MLP(config) if config.family == "gpt2" else SwiGLU(config)   # upcycle.py swaps it
 
-    def forward(self, x, rope=None, token_mask=None, cache=None):
+    def forward(self, x, rope=None, unpadded=None, cache=None):
         """Returns (x, routing): routing is the MoE layer's (aux_loss, counts, indices), or None."""
-        x = x + self.attn(self.ln_1(x), rope, cache)
+        x = x + self.attn(self.ln_1(x), rope, cache, unpadded)
         h = self.ln_2(x)  # the router and the FFN both read the FFN input
         if isinstance(self.mlp, DENSE_FFNS):
             return x + self.mlp(h), None
-        y, routing = self.mlp(h, token_mask)  # padding tokens are kept out of the aux loss and counts
+        y, routing = self.mlp(h)
         return x + y, routing
+
+
+class Unpadded:
+    """Where the real tokens of a right-padded (B, T) batch sit: rows, their flat positions b * T + t."""
+
+    def __init__(self, token_mask, device):
+        self.B, self.T = token_mask.shape
+        # computed where the mask lives: train.py keeps it on the host, so a GPU never waits for this
+        self.rows = token_mask.reshape(-1).nonzero().squeeze(1).to(device, non_blocking=True)
+
+    def unpad(self, t):
+        """(B, T, ...) -> (N_real, ...)"""
+        return t.reshape(self.B * self.T, *t.shape[2:]).index_select(0, self.rows)
+
+    def pad(self, t):
+        """(N_real, C) -> (B, T, C), zeros at the padding positions"""
+        return t.new_zeros(self.B * self.T, t.size(-1)).index_copy(0, self.rows, t).view(self.B, self.T, -1)
 
 
 @dataclass
@@ -273,7 +303,7 @@ class Routing:
     """What the MoE layers of one forward report (see the top of this file)."""
     aux_loss: torch.Tensor   # scalar: the sum over MoE layers of alpha * Eq. 10 (+ z-loss); part of the training loss
     counts: torch.Tensor     # (n_moe_layers, E) int64: (token, slot) assignments per expert, real tokens only
-    indices: torch.Tensor    # (n_moe_layers, B * T, k): the experts each token was routed to
+    indices: torch.Tensor    # (n_moe_layers, N, k): the experts each token (real tokens, in order) was routed to
 
 
 class GPT(nn.Module):
@@ -318,7 +348,8 @@ class GPT(nn.Module):
 
     def forward(self, idx, targets=None, token_mask=None, cache=None):
         """idx, targets: (B, T) int64; targets == -1 is ignored (prompt and padding positions).
-        token_mask: (B, T) bool, False on padding: only real tokens count in the MoE aux loss and counts.
+        token_mask: (B, T) bool, False on padding (right padding): the padding positions are dropped after
+        the embeddings (see the top of the file); their logits come back as zeros. On any device.
         cache: a KVCache (generation); idx then holds the positions after those already cached.
         Returns (logits, loss, routing). With targets: logits of every position and loss = mean
         cross-entropy (the MoE aux loss is NOT in it: it is routing.aux_loss, for the caller to add).
@@ -335,9 +366,13 @@ class GPT(nn.Module):
         else:
             rope = self.rope(pos, x.dtype)   # in the embeddings' dtype, as the Hugging Face models do
         x = self.transformer.drop(x)
+        unpadded = None
+        if token_mask is not None:
+            unpadded = Unpadded(token_mask, x.device)
+            x = unpadded.unpad(x)                                        # (N_real, C)
         per_layer = []
         for block in self.transformer.h:
-            x, routing = self.run_block(block, x, rope, token_mask, cache)
+            x, routing = self.run_block(block, x, rope, unpadded, cache)
             if routing is not None:
                 per_layer.append(routing)
         if cache is not None:
@@ -348,17 +383,22 @@ class GPT(nn.Module):
             aux, counts, indices = zip(*per_layer)
             routing = Routing(aux_loss=torch.stack(aux).sum(), counts=torch.stack(counts), indices=torch.stack(indices))
         if targets is None:
+            if unpadded is not None:
+                x = unpadded.pad(x)
             return self.lm_head(x[:, [-1], :]), None, routing    # (B, 1, vocab)
-        logits = self.lm_head(x)                                   # (B, T, vocab)
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
+        logits = self.lm_head(x)                                   # (B, T, vocab), or (N_real, vocab)
+        targets = targets.reshape(-1) if unpadded is None else unpadded.unpad(targets)
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets, ignore_index=-1)
+        if unpadded is not None:
+            logits = unpadded.pad(logits)                          # (B, T, vocab)
         return logits, loss, routing
 
-    def run_block(self, block, x, rope, token_mask, cache):
+    def run_block(self, block, x, rope, unpadded, cache):
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
             # keep only the block's input; its activations are recomputed during backward
             # (non-reentrant: works with the frozen weights and the MoE layers' extra outputs)
-            return torch.utils.checkpoint.checkpoint(block, x, rope, token_mask, cache, use_reentrant=False)
-        return block(x, rope, token_mask, cache)
+            return torch.utils.checkpoint.checkpoint(block, x, rope, unpadded, cache, use_reentrant=False)
+        return block(x, rope, unpadded, cache)
 
     def moe_layers(self):
         """The MoE layers in depth order (empty for a dense model)."""

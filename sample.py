@@ -24,7 +24,7 @@ from tokenizer import load_tokenizer
 ckpt = "out/ckpt.pt"
 prompt = ""                  # the instruction; the template is applied unless raw=True
 prompt_file = ""             # or read the instruction from this file
-prompt_input = ""            # optional "### Input:" part of the template
+prompt_input = ""            # optional input line of the template (data/instruct.py, format_prompt)
 raw = False                  # feed the prompt as is, without the template
 num_samples = 1
 max_new_tokens = 64

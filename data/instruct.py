@@ -30,10 +30,20 @@ IGNORE = -1  # target value that F.cross_entropy(..., ignore_index=-1) skips
 # the prompt template
 
 def format_prompt(instruction, inp=""):
-    """The prompt the model sees (Alpaca's template); the response text follows it directly."""
+    """The prompt the model sees; the response text follows it directly:
+
+        Q: Count the letters in this word.      (the instruction)
+        cezen                                   (the input, when there is one)
+        A: 5                                    (the response)
+
+    A plain Q/A frame rather than Alpaca's "### Instruction: ... ### Response:" headers: a byte-level
+    model pays for every byte of the frame, and Alpaca's took 33-46 of the embedded set's ~85 bytes
+    per example. With this one the default run's tuning steps cost ~30 % less, and it ended at a
+    lower held-out response loss (1.82 against 1.89 after 1000 steps). A BPE base (GPT-2, Llama)
+    learns either frame in a few steps."""
     if inp:
-        return f"### Instruction:\n{instruction}\n\n### Input:\n{inp}\n\n### Response:\n"
-    return f"### Instruction:\n{instruction}\n\n### Response:\n"
+        return f"Q: {instruction}\n{inp}\nA: "
+    return f"Q: {instruction}\nA: "
 
 
 # -----------------------------------------------------------------------------
@@ -375,7 +385,8 @@ def batch_at(encoded, step, batch_size, seed, pad_id):
     resuming (and any number of DDP ranks) sees exactly the same batches. (Grouping batches by
     length, as Hugging Face's group_by_length does, cut the padding from 21 % of the tokens to 2 %,
     but on the embedded set length tells the task family apart, so batches lost their mix: 600 steps
-    ended at a held-out loss of 2.09 instead of 1.94. Not worth its 18 % of step time here.)"""
+    ended at a held-out loss of 2.09 instead of 1.94. And the model drops the padding after the
+    embeddings (model.py, Unpadded): only attention still works on the padded layout.)"""
     n = len(encoded)
     rows = []
     for pos in range(step * batch_size, (step + 1) * batch_size):

@@ -553,22 +553,58 @@ def test_grouped_dropout_is_independent_per_token_and_slot():
 
 
 # -----------------------------------------------------------------------------
-# the padding mask travels GPT -> Block -> MoE layer into the aux loss
+# padding: GPT.forward drops it after the embeddings (model.py, Unpadded)
 
 def test_padding_does_not_change_the_aux_loss_or_counts():
     model = upcycle(random_gpt(), n_experts=4, top_k=2, adapter_dim=4, verbose=False).eval()
     idx, _ = tokens(3, B=1, t=10)
     spread_routers(model, idx)
     with torch.no_grad():
-        _, _, plain = model(idx, token_mask=torch.ones(1, 10, dtype=torch.bool))
+        _, _, plain = model(idx)
         padded_idx = torch.cat([idx, torch.randint(V, (1, 6))], dim=1)         # 6 padding tokens after
         mask = torch.tensor([[True] * 10 + [False] * 6])
         _, _, padded = model(padded_idx, token_mask=mask)
         _, _, unmasked = model(padded_idx)
     assert abs(padded.aux_loss.item() - plain.aux_loss.item()) <= 1e-6
-    assert torch.equal(padded.counts, plain.counts)
+    assert torch.equal(padded.counts, plain.counts) and torch.equal(padded.indices, plain.indices)
     assert abs(unmasked.aux_loss.item() - plain.aux_loss.item()) > 1e-5     # padding would have counted
-    assert padded.indices.shape == (L, 16, 2) and padded.counts.sum().item() == L * 10 * 2
+    assert padded.indices.shape == (L, 10, 2) and padded.counts.sum().item() == L * 10 * 2
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("method", ["pesc", "sparse", "full"])
+def test_a_padded_batch_computes_what_each_row_computes_alone(family, method):
+    """Rows of different lengths, right-padded into one batch with a mask: the logits at every real
+    position, the loss (mean over all real targets) and the gradients equal those of each row run
+    alone without padding. Trained (non-zero) adapters and LoRA, routers that spread the tokens."""
+    config = tiny_config() if family == "gpt2" else llama_config()
+    model = random_gpt(1, config)
+    if method != "full":
+        upcycle(model, method, n_experts=4, top_k=2, adapter_dim=4, lora_rank=2, verbose=False)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if p.requires_grad and "router" not in name:
+                    p.normal_(0.0, 0.2)
+    lengths = [16, 9, 4]
+    idx, targets = tokens(5, B=3)
+    targets[:, :2] = -1                                     # prompt positions are ignored, as in training
+    mask = torch.tensor([[t < n for t in range(T)] for n in lengths])
+    targets[~mask] = -1
+    if method != "full":
+        spread_routers(model, idx[:1])
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    logits, loss, _ = model(idx, targets, mask)
+    grads = torch.autograd.grad(loss, trainable)
+    n_targets = int((targets != -1).sum())
+    ref_loss = 0.0
+    for b, n in enumerate(lengths):
+        row_logits, row_loss, _ = model(idx[b:b + 1, :n], targets[b:b + 1, :n])
+        assert max_diff(logits[b, :n], row_logits[0]) <= 1e-5
+        ref_loss = ref_loss + row_loss * int((targets[b, :n] != -1).sum()) / n_targets
+    assert abs(loss.item() - ref_loss.item()) <= 1e-5
+    assert (logits[~mask] == 0).all()                       # padding positions are never computed
+    for g, ref in zip(grads, torch.autograd.grad(ref_loss, trainable)):
+        assert rel_err(g, ref) <= 1e-5 if ref.norm() > 0 else (g == 0).all()
 
 
 # -----------------------------------------------------------------------------

@@ -61,7 +61,7 @@ def test_result_json_records_throughput(tuned):
     with open(os.path.join(out, "result.json")) as f:
         assert json.load(f) == result
     assert result["mfu"] is None                          # MFU only on a GPU (a peak FLOP rate to divide by)
-    # tokens per step = tokens/s x s/step: 8 sequences (--batch_size=8) padded to the longest, <= 128 tokens each
+    # tokens per step = tokens/s x s/step: the real (unpadded) tokens of 8 sequences (--batch_size=8), <= 128 each
     # (a rate of steps, or of sequences, or per millisecond would land outside)
     assert 8 * 10 <= result["tokens_per_s"] * result["step_time_s"] <= 8 * 128
 
@@ -263,7 +263,7 @@ def test_show_experts_names_the_experts_each_token_went_to_during_generation(tun
     tok = load_tokenizer(ckpt["tokenizer"])
     fed = []
     model.moe_layers()[0].register_forward_hook(lambda m, args, output: fed.append(output[1][2].tolist()))
-    ids = tok.encode("### Instruction:\nUppercase: kiwi\n\n### Response:\n")
+    ids = tok.encode("Q: Uppercase: kiwi\nA: ")
     generated = model.generate(torch.tensor([ids]), 5, temperature=0, eos_id=tok.eos_id, n_vocab=tok.n_vocab)
     during = [step[-1] for step in fed[1:]]           # each decode step routes exactly the newly fed token
     sample.main(flags + ["--show_experts=True"])
