@@ -39,8 +39,8 @@ def format_prompt(instruction, inp=""):
     A plain Q/A frame rather than Alpaca's "### Instruction: ... ### Response:" headers: a byte-level
     model pays for every byte of the frame, and Alpaca's took 33-46 of the embedded set's ~85 bytes
     per example. With this one the default run's tuning steps cost ~27 % less, and it ended at a
-    lower held-out response loss (1.82 against 1.89 after 1000 steps). A BPE base (GPT-2, Llama)
-    learns either frame in a few steps."""
+    lower held-out response loss (1.82 against 1.89 after 1000 steps; README, "Time"). For a BPE
+    base (GPT-2, Llama) either frame is a handful of tokens."""
     if inp:
         return f"Q: {instruction}\n{inp}\nA: "
     return f"Q: {instruction}\nA: "
