@@ -342,7 +342,8 @@ def train_step_bench(args):
 
     def step(name, batch):
         model, optimizer = models[name]
-        idx, targets, mask = (t.to(device) for t in batch)
+        idx, targets, mask = batch
+        idx, targets = idx.to(device), targets.to(device)   # the mask stays on the host, as in train.py
         with autocast:
             _, ce, routing = model(idx, targets, mask)
         (ce + (routing.aux_loss if routing is not None else 0)).backward()

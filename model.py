@@ -286,7 +286,10 @@ class Unpadded:
 
     def __init__(self, token_mask, device):
         self.B, self.T = token_mask.shape
-        # computed where the mask lives: train.py keeps it on the host, so a GPU never waits for this
+        # checked and computed where the mask lives: train.py keeps it on the host, so a GPU never waits
+        if (token_mask[:, 1:] & ~token_mask[:, :-1]).any():
+            raise ValueError("token_mask must mark right padding: each row's real tokens first, then padding "
+                             "(with left padding, causal attention would let real tokens see the padding)")
         self.rows = token_mask.reshape(-1).nonzero().squeeze(1).to(device, non_blocking=True)
 
     def unpad(self, t):
