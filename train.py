@@ -76,7 +76,7 @@ bias = True
 dropout = 0.0                   # in the model's attention and FFN outputs (also applied to a loaded base)
 load_dtype = "float32"          # Hugging Face weights loaded as "float32" or "bfloat16" (half the memory)
 # pretraining of the base (only when it is not cached)
-pretrain_iters = 1200
+pretrain_iters = 1000
 pretrain_batch_size = 8         # small batches, more steps: at half the tokens of 32 x 600 the held-out
                                 # docs loss is 1.60 with batches of 8 and 1.79 with 16 (README, "Time")
 pretrain_lr = 3e-3
