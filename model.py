@@ -371,6 +371,8 @@ class GPT(nn.Module):
         x = self.transformer.drop(x)
         unpadded = None
         if token_mask is not None:
+            if token_mask.shape != idx.shape:
+                raise ValueError(f"token_mask has shape {tuple(token_mask.shape)}; it must match idx, {tuple(idx.shape)}")
             unpadded = Unpadded(token_mask, x.device)
             x = unpadded.unpad(x)                                        # (N_real, C)
         per_layer = []

@@ -571,13 +571,15 @@ def test_padding_does_not_change_the_aux_loss_or_counts():
     assert padded.indices.shape == (L, 10, 2) and padded.counts.sum().item() == L * 10 * 2
 
 
-def test_left_padding_is_refused():
+def test_bad_token_masks_are_refused():
     model = random_gpt()
     idx, targets = tokens(4, B=2)
     mask = torch.ones(2, T, dtype=torch.bool)
     mask[1, :3] = False                                     # row 1: padding first
     with pytest.raises(ValueError, match="right padding"):
         model(idx, targets, mask)
+    with pytest.raises(ValueError, match="must match idx"):
+        model(idx, targets, torch.ones(2, T - 1, dtype=torch.bool))
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
