@@ -330,7 +330,10 @@ class PESCMoE(nn.Module):
         self.dropout = nn.Dropout(adapter_dropout)
 
     def forward(self, h, token_mask=None):
-        """h (B, T, d) -> (y (B, T, d), routing (aux_loss, counts, indices))."""
+        """h (..., d) -> (y (..., d), routing (aux_loss, counts, indices)). Inside a GPT, h is (N_real, d):
+        the model has dropped the padding already (model.py, Unpadded). Called on a padded batch on its
+        own, a layer takes token_mask (h's leading shape, bool, False on padding) to keep the padding
+        out of the aux loss and the counts."""
         shape = h.shape
         h = h.reshape(-1, shape[-1])                                     # (N, d)
         u = self.ffn(h)                                                  # (N, d): the shared expert body

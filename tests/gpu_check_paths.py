@@ -1,6 +1,7 @@
 """
-Every dispatch path of a PESC layer against the eager masked PyTorch path, the way train.py runs them:
-on a side CUDA stream (as under DDP or a data-loading stream), with a token mask (padding), under
+Every dispatch path of a PESC layer against the eager masked PyTorch path, in training conditions:
+on a side CUDA stream (as under DDP or a data-loading stream), on a padded batch with its token mask
+(the layer called on its own; inside a GPT, model.Unpadded drops the padding first), under
 bf16 and fp16 autocast, the backward outside autocast. Reports the relative error of the output,
 the aux loss and every gradient, and checks that the routing (indices, counts) is exactly the same.
 Part of tests/gpu_check.sh; needs a GPU (the kernels path also a build of kernels.cu).
