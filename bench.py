@@ -460,14 +460,37 @@ def memory_bench(args):
 
 
 # -----------------------------------------------------------------------------
-# exact-match evaluation with and without the KV cache
+# exact-match evaluation: batched with the KV cache, against the ways it was done before
+
+@torch.no_grad()
+def answers_by_length(model, tok, examples, max_new_tokens, device, ctx, use_cache):
+    """The earlier evaluation, kept here as the baseline: only prompts of equal token length are
+    decoded together (no padding), 64 at a time; without the cache, the way it was before issue 12."""
+    from data.instruct import decode_response, prompt_ids
+    prompts = [prompt_ids(tok, ex) for ex in examples]
+    by_length = {}
+    for i, p in enumerate(prompts):
+        by_length.setdefault(len(p), []).append(i)
+    answers = [None] * len(examples)
+    for length, rows in sorted(by_length.items()):
+        for s in range(0, len(rows), 64):
+            chunk = rows[s:s + 64]
+            idx = torch.tensor([prompts[i] for i in chunk], dtype=torch.long, device=device)
+            with ctx:
+                out = model.generate(idx, max_new_tokens, temperature=0, eos_id=tok.eos_id, n_vocab=tok.n_vocab,
+                                     use_cache=use_cache)
+            for row, i in zip(out[:, length:].tolist(), chunk):
+                answers[i] = decode_response(tok, row)
+    return answers
+
 
 def eval_bench(args):
     """Greedy answers to the held-out prompts of a checkpoint's run, as train.py's two exact-match
     evaluations produce them -- before tuning (the upcycled base, which computes the base's function
-    and, never having learned to stop, writes every token it may) and after (the checkpoint) -- with
-    the KV cache and without it (the whole prefix again for every token), in turn. The answers must
-    be identical."""
+    and, never having learned to stop, writes every token it may) and after (the checkpoint) -- three
+    ways, in turn: evaluate.greedy_answers (prompts of different lengths batched, right-padded, with
+    the KV cache), prompts of equal length only with the cache, and the same without the cache (the
+    whole prefix again for every token: the evaluation before issue 12). The answers must be identical."""
     from checkpoint import build_model, load_base, read_checkpoint
     from data.instruct import make_instruction_set
     from evaluate import greedy_answers
@@ -481,31 +504,38 @@ def eval_bench(args):
     tok = load_tokenizer(ckpt["tokenizer"])
     cfg = ckpt["config"]
     examples = make_instruction_set(seed=cfg["data_seed"], n_train=cfg["n_train"], n_val=cfg["n_val"])["val"]
+    n_new = cfg["eval_max_new_tokens"]
     models = {"before tuning": before.to(device).eval(), "after tuning": tuned}
-    times = {(name, cache): [] for name in models for cache in (True, False)}
+    ways = {"batched, cache": lambda m: greedy_answers(m, tok, examples, n_new, device, autocast),
+            "by length, cache": lambda m: answers_by_length(m, tok, examples, n_new, device, autocast, True),
+            "by length, no cache": lambda m: answers_by_length(m, tok, examples, n_new, device, autocast, False)}
+    times = {(name, way): [] for name in models for way in ways}
     answers = {}
     for _ in range(args.runs):
         for name, model in models.items():
-            real_generate = model.generate
-            for use_cache in (True, False):
-                model.generate = lambda *a, use_cache=use_cache, g=real_generate, **k: g(*a, use_cache=use_cache, **k)
+            for way, answer in ways.items():
                 t0 = time.perf_counter()
-                answers[name, use_cache] = greedy_answers(model, tok, examples, cfg["eval_max_new_tokens"], device, autocast)
-                times[name, use_cache].append(time.perf_counter() - t0)
-            model.generate = real_generate
-    same = all(answers[name, True] == answers[name, False] for name in models)
-    print(f"\n{args.ckpt}: {len(examples)} held-out prompts, {cfg['eval_max_new_tokens']} new tokens at most, "
-          f"{device_name}, {torch.get_num_threads()} threads, median of {args.runs} interleaved runs")
-    total = {cache: sum(statistics.median(times[name, cache]) for name in models) for cache in (True, False)}
-    for name in models:
-        w, wo = statistics.median(times[name, True]), statistics.median(times[name, False])
-        print(f"{name}: with the KV cache {w:.2f} s, without {wo:.2f} s: {wo / w:.1f}x")
-    print(f"both evaluations: {total[True]:.2f} s against {total[False]:.2f} s: {total[False] / total[True]:.1f}x "
-          f"faster; answers identical: {same}")
+                answers[name, way] = answer(model)
+                times[name, way].append(time.perf_counter() - t0)
+    same = all(answers[name, way] == answers[name, "batched, cache"] for name in models for way in ways)
+    print(f"\n{args.ckpt}: {len(examples)} held-out prompts, {n_new} new tokens at most, {device_name}, "
+          f"{torch.get_num_threads()} threads, median (min-max) of {args.runs} interleaved runs, seconds")
+    print("| evaluation | " + " | ".join(ways) + " |")
+    print("|---|" + "---|" * len(ways))
+    for name in list(models) + ["both"]:
+        names = list(models) if name == "both" else [name]
+        medians = {way: sum(statistics.median(times[n, way]) for n in names) for way in ways}
+        cells = []
+        for way in ways:
+            spread = "" if name == "both" else \
+                f" ({min(times[name, way]):.2f}-{max(times[name, way]):.2f})"
+            cells.append(f"{medians[way]:.2f}{spread}, {medians[way] / medians['batched, cache']:.1f}x")
+        print(f"| {name} | " + " | ".join(cells) + " |")
+    print(f"answers identical in all three: {same}")
     if args.out:
-        write_json(args.out, dict(times={f"{n} cache={c}": t for (n, c), t in times.items()}, identical=same))
+        write_json(args.out, dict(times={f"{n}: {w}": t for (n, w), t in times.items()}, identical=same))
     if not same:
-        raise SystemExit("the answers differ with and without the cache")
+        raise SystemExit("the answers differ between the three ways")
 
 
 if __name__ == "__main__":

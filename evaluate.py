@@ -47,24 +47,26 @@ def response_loss(model, encoded, batch_size, pad_id, device, ctx):
 
 
 @torch.no_grad()
-def greedy_answers(model, tok, examples, max_new_tokens, device, ctx, desc="generate"):
-    """Greedy responses (with the KV cache) for a list of examples. Prompts of equal token length are
-    decoded together, so no padding is ever fed to the model."""
+def greedy_answers(model, tok, examples, max_new_tokens, device, ctx, desc="generate", batch_size=64):
+    """Greedy responses (with the KV cache) for a list of examples. The prompts are sorted by length
+    and decoded batch_size at a time, right-padded with a token_mask (model.py, GPT.generate), so a
+    batch holds prompts of about the same length and the answers are those of each prompt alone."""
     was_training = model.training
     model.eval()
     prompts = [prompt_ids(tok, ex) for ex in examples]
-    by_length = {}
-    for i, p in enumerate(prompts):
-        by_length.setdefault(len(p), []).append(i)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     answers = [None] * len(examples)
-    for length, rows in tqdm(sorted(by_length.items()), desc=desc, leave=False):
-        for s in range(0, len(rows), 64):
-            chunk = rows[s:s + 64]
-            idx = torch.tensor([prompts[i] for i in chunk], dtype=torch.long, device=device)
-            with ctx:
-                out = model.generate(idx, max_new_tokens, temperature=0, eos_id=tok.eos_id, n_vocab=tok.n_vocab)
-            for row, i in zip(out[:, length:].tolist(), chunk):
-                answers[i] = decode_response(tok, row)
+    for s in tqdm(range(0, len(order), batch_size), desc=desc, leave=False):
+        chunk = order[s:s + batch_size]
+        width = max(len(prompts[i]) for i in chunk)
+        idx = torch.tensor([prompts[i] + [tok.pad_id] * (width - len(prompts[i])) for i in chunk], dtype=torch.long)
+        mask = torch.tensor([[t < len(prompts[i]) for t in range(width)] for i in chunk])   # stays on the host
+        with ctx:
+            out = model.generate(idx.to(device), max_new_tokens, temperature=0, eos_id=tok.eos_id, n_vocab=tok.n_vocab,
+                                 token_mask=mask)
+        n_new = out.size(1) - width
+        for row, i in zip(out.tolist(), chunk):
+            answers[i] = decode_response(tok, row[len(prompts[i]):len(prompts[i]) + n_new])
     model.train(was_training)
     return answers
 

@@ -26,6 +26,8 @@ tokens only, (N_real, d) -- on the default run ~30 % of the positions are paddin
 needs the (B, T) layout back: it scatters q, k, v into it (Unpadded.pad) and gathers its output
 again. Right padding and the causal mask keep every real token's result exactly what it is in the
 padded batch, and the MoE layers see only real tokens, so padding never enters the aux loss or counts.
+Generation takes prompts of different lengths the same way, right-padded: after the prefill the KV
+cache keeps each row's own length, so every row goes on from its own last token (KVCache).
 
 References: nanoGPT (karpathy/nanoGPT); gpt-fast (pytorch-labs/gpt-fast) for the KV cache; the
 Hugging Face Llama / Qwen2 modeling files for RoPE's rotate-half layout and llama3 scaling.
@@ -145,28 +147,57 @@ def apply_rope(x, cos, sin):
 
 class KVCache:
     """Keys and values of every layer for the positions fed so far (gpt-fast's KVCache, one object
-    for all layers). Generation feeds the prompt once (prefill), then one token per step; each
-    attention layer writes its new k, v at positions [length, length + T) and reads [0, length + T).
-    The buffers are allocated on the first write, in the dtype of the keys and values they hold."""
+    for all layers). Generation feeds the prompts once (prefill), then one token per step. Prompts of
+    different lengths are prefilled together, right-padded (GPT.forward's token_mask); from then on
+    each row goes on from its own length: row b writes the k, v of its new tokens at positions
+    [lengths[b], lengths[b] + T), and its queries see the cached keys up to their own position. The
+    padding a short prompt left in the cache is overwritten by that row's new tokens, and no query
+    ever sees it before. The buffers are allocated on the first write, in the dtype of k and v."""
 
     def __init__(self, n_layer, max_len):
         self.max_len = max_len
-        self.length = 0                    # positions already cached (a host int: no GPU sync)
+        self.length = 0                    # positions written in the longest row (a host int: no GPU sync)
+        self.lengths = None                # (B,) int64 on the model's device: positions cached in each row
         self.k = [None] * n_layer          # per layer (B, n_kv_head, max_len, hs)
         self.v = [None] * n_layer
+        self.positions = self.mask = None  # of the tokens being fed: set by start()
+
+    def start(self, B, T, device):
+        """Called by GPT.forward before the blocks: returns the (B, T) positions of the tokens fed now,
+        and sets the attention mask all layers share, (B, 1, T, length + T): which keys each of them
+        sees (None while the cache is empty: the prefill's plain causal mask)."""
+        if self.length + T > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions; {self.length + T} asked")
+        if self.lengths is None:
+            self.lengths = torch.zeros(B, dtype=torch.long, device=device)
+        self.positions = self.lengths[:, None] + torch.arange(T, device=device)      # (B, T)
+        self.mask = None
+        if self.length > 0:
+            keys = torch.arange(self.length + T, device=device)
+            self.mask = (keys <= self.positions[:, :, None])[:, None]                 # (B, 1, T, length + T)
+        return self.positions
 
     def update(self, layer, k, v):
-        """k, v (B, n_kv_head, T, hs) of the new positions -> all keys and values so far."""
-        start, T = self.length, k.size(2)
-        if start + T > self.max_len:
-            raise ValueError(f"KV cache holds {self.max_len} positions; {start + T} asked")
+        """k, v (B, n_kv_head, T, hs) of the tokens fed now -> all keys and values so far,
+        (B, n_kv_head, length + T, hs)."""
         if self.k[layer] is None:
             B, nkv, _, hs = k.shape
             self.k[layer] = k.new_zeros(B, nkv, self.max_len, hs)
             self.v[layer] = v.new_zeros(B, nkv, self.max_len, hs)
-        self.k[layer][:, :, start:start + T] = k
-        self.v[layer][:, :, start:start + T] = v
-        return self.k[layer][:, :, :start + T], self.v[layer][:, :, :start + T]
+        where = self.positions[:, None, :, None].expand_as(k)        # row b's tokens go to its own positions
+        self.k[layer].scatter_(2, where, k)
+        self.v[layer].scatter_(2, where, v)
+        end = self.length + k.size(2)
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def advance(self, T, token_mask=None):
+        """Called by GPT.forward after the blocks: every row holds T more positions, or, after a
+        right-padded prefill, as many as its real tokens."""
+        self.length += T
+        if token_mask is None:
+            self.lengths = self.lengths + T
+        else:
+            self.lengths = token_mask.sum(1).to(self.lengths.device)
 
 
 # -----------------------------------------------------------------------------
@@ -206,19 +237,14 @@ class CausalSelfAttention(nn.Module):
         v = v.view(B, T, nkv, hs).transpose(1, 2)   # (B, nkv, T, hs)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        start = 0
+        mask = None
         if cache is not None:
-            start = cache.length
-            k, v = cache.update(self.layer_idx, k, v)   # (B, nkv, start + T, hs)
+            k, v = cache.update(self.layer_idx, k, v)   # (B, nkv, length + T, hs)
+            mask = cache.mask                           # None on the prefill: plain causal
         if nkv != nh:  # grouped-query attention: each k/v head serves nh / nkv query heads
             k = k.repeat_interleave(nh // nkv, dim=1)
             v = v.repeat_interleave(nh // nkv, dim=1)
-        mask, causal = None, True
-        if start > 0:  # new queries at positions start.. see every cached key up to their own position
-            causal = False
-            if T > 1:
-                mask = torch.arange(start + T, device=x.device)[None, :] <= (start + torch.arange(T, device=x.device))[:, None]
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                            dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).contiguous().view(B, T, nh * hs)   # (B, T, nh * hs)
         if unpadded is not None:
@@ -291,6 +317,13 @@ class Unpadded:
             raise ValueError("token_mask must mark right padding: each row's real tokens first, then padding "
                              "(with left padding, causal attention would let real tokens see the padding)")
         self.rows = token_mask.reshape(-1).nonzero().squeeze(1).to(device, non_blocking=True)
+        self.lengths = token_mask.sum(1)   # real tokens per row, where the mask lives
+
+    def last_tokens(self):
+        """Where each row's last real token sits among the N_real: the position generation predicts from."""
+        if (self.lengths == 0).any():
+            raise ValueError("a row of token_mask has no real token: there is nothing to predict from")
+        return (self.lengths.cumsum(0) - 1).to(self.rows.device, non_blocking=True)
 
     def unpad(self, t):
         """(B, T, ...) -> (N_real, ...)"""
@@ -344,24 +377,34 @@ class GPT(nn.Module):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def rope(self, positions, dtype):
-        """(cos, sin), each (T, head_dim), for the given positions; computed in fp32, then cast."""
-        freqs = positions.float()[:, None] * self.rope_inv_freq[None, :]   # (T, hs/2)
-        emb = torch.cat((freqs, freqs), dim=-1)                           # (T, hs)
+        """(cos, sin) for positions (T,) or, with the KV cache, (B, T): each (T, head_dim) or
+        (B, 1, T, head_dim), to broadcast over the heads; computed in fp32, then cast."""
+        freqs = positions.float()[..., None] * self.rope_inv_freq     # (..., T, hs/2)
+        emb = torch.cat((freqs, freqs), dim=-1)                       # (..., T, hs)
+        if emb.dim() == 3:
+            emb = emb[:, None]                                        # (B, 1, T, hs)
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
     def forward(self, idx, targets=None, token_mask=None, cache=None):
         """idx, targets: (B, T) int64; targets == -1 is ignored (prompt and padding positions).
         token_mask: (B, T) bool, False on padding (right padding): the padding positions are dropped after
         the embeddings (see the top of the file); their logits come back as zeros. On any device.
-        cache: a KVCache (generation); idx then holds the positions after those already cached.
+        cache: a KVCache (generation); idx then holds the tokens after those already cached, each
+        row going on from its own length (a token_mask only on the prefill, while the cache is empty).
         Returns (logits, loss, routing). With targets: logits of every position and loss = mean
         cross-entropy (the MoE aux loss is NOT in it: it is routing.aux_loss, for the caller to add).
-        Without targets: logits of the last position only and loss None. routing: see Routing."""
+        Without targets: logits of each row's last (real) token only, (B, 1, vocab), and loss None.
+        routing: see Routing."""
         B, T = idx.size()
         start = cache.length if cache is not None else 0
         if start + T > self.config.block_size:
             raise ValueError(f"sequence of length {start + T} is longer than block_size {self.config.block_size}")
-        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)
+        if cache is None:
+            pos = torch.arange(T, dtype=torch.long, device=idx.device)   # (T,)
+        else:
+            if token_mask is not None and start > 0:
+                raise ValueError("a token_mask with a KV cache is for the prefill only (an empty cache)")
+            pos = cache.start(B, T, idx.device)                          # (B, T)
         x = self.transformer.wte(idx)                                    # (B, T, C)
         rope = None
         if self.config.family == "gpt2":
@@ -381,16 +424,15 @@ class GPT(nn.Module):
             if routing is not None:
                 per_layer.append(routing)
         if cache is not None:
-            cache.length += T
+            cache.advance(T, token_mask)
         x = self.transformer.ln_f(x)
         routing = None
         if per_layer:
             aux, counts, indices = zip(*per_layer)
             routing = Routing(aux_loss=torch.stack(aux).sum(), counts=torch.stack(counts), indices=torch.stack(indices))
         if targets is None:
-            if unpadded is not None:
-                x = unpadded.pad(x)
-            return self.lm_head(x[:, [-1], :]), None, routing    # (B, 1, vocab)
+            x = x[:, [-1], :] if unpadded is None else x.index_select(0, unpadded.last_tokens())[:, None]
+            return self.lm_head(x), None, routing                 # (B, 1, vocab)
         logits = self.lm_head(x)                                   # (B, T, vocab), or (N_real, vocab)
         targets = targets.reshape(-1) if unpadded is None else unpadded.unpad(targets)
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets, ignore_index=-1)
@@ -410,31 +452,46 @@ class GPT(nn.Module):
         return [block.mlp for block in self.transformer.h if not isinstance(block.mlp, DENSE_FFNS)]
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, eos_id=None, n_vocab=None, use_cache=True):
-        """Autoregressive sampling; temperature 0 means greedy. With use_cache: one prefill over the
-        prompt, then one token per step through every layer (an MoE layer routes only the new
-        token). Once the sequence outgrows block_size, every step runs on the last block_size
-        tokens without the cache, exactly as nanoGPT's crop does, so the answer never depends on
-        use_cache. Rows that produced eos_id keep emitting it; generation stops once every row has.
-        n_vocab: the tokenizer's size; ids above it (vocab_size is rounded up) are never sampled."""
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, eos_id=None, n_vocab=None, use_cache=True,
+                 token_mask=None):
+        """Autoregressive sampling; temperature 0 means greedy. idx (B, T): the prompts; prompts of
+        different lengths come right-padded, with token_mask (B, T) bool, False on padding (kept on
+        the host, as for forward). With use_cache: one prefill over the prompts, then one token per
+        step through every layer (an MoE layer routes only the new tokens). Once a row outgrows
+        block_size, every step runs on each row's last block_size tokens without the cache, exactly as
+        nanoGPT's crop does, so the answer never depends on use_cache or on the other rows of the
+        batch. Rows that produced eos_id keep emitting it; generation stops once every row has.
+        n_vocab: the tokenizer's size; ids above it (vocab_size is rounded up) are never sampled.
+        Returns (B, T + n), n <= max_new_tokens: each row's prompt, its n new tokens, then whatever
+        padding is left of idx (row b's new tokens are columns [length_b, length_b + n))."""
+        B, T = idx.shape
         bs = self.config.block_size
-        cache = KVCache(self.config.n_layer, min(idx.size(1) + max_new_tokens, bs)) if use_cache else None
-        logits, _, _ = self(idx[:, -bs:], cache=cache if idx.size(1) <= bs else None)
-        finished = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
+        lengths = [T] * B if token_mask is None else token_mask.sum(1).tolist()   # host ints: no GPU sync
+        seq = torch.cat((idx, idx.new_zeros(B, max_new_tokens)), dim=1)
+        next_column = torch.tensor(lengths, device=idx.device)[:, None]          # (B, 1): where each row's next token goes
+        cache = KVCache(self.config.n_layer, min(T + max_new_tokens, bs)) if use_cache and T <= bs else None
+        if cache is not None:
+            logits, _, _ = self(idx, token_mask=token_mask, cache=cache)
+        else:
+            window, mask = last_window(seq, lengths, bs)
+            logits, _, _ = self(window, token_mask=mask)
+        finished = torch.zeros(B, dtype=torch.bool, device=idx.device)
         for step in range(max_new_tokens):
-            idx_next = pick_next_token(logits[:, -1, :].float(), temperature, top_k, n_vocab)
+            idx_next = pick_next_token(logits[:, -1, :].float(), temperature, top_k, n_vocab)   # (B, 1)
             if eos_id is not None:
                 idx_next = torch.where(finished[:, None], torch.full_like(idx_next, eos_id), idx_next)
                 finished |= idx_next[:, 0] == eos_id
-            idx = torch.cat((idx, idx_next), dim=1)
+            seq.scatter_(1, next_column + step, idx_next)
+            lengths = [n + 1 for n in lengths]
             if step == max_new_tokens - 1 or (eos_id is not None and bool(finished.all())):
                 break
-            if cache is not None and idx.size(1) <= bs:
-                logits, _, _ = self(idx_next, cache=cache)     # only the new token
+            if cache is not None and cache.length < bs:
+                logits, _, _ = self(idx_next, cache=cache)     # only the new tokens
             else:
-                cache = None
-                logits, _, _ = self(idx[:, -bs:])               # past block_size: the cropped window
-        return idx
+                cache = None                                   # past block_size: the cropped windows
+                window, mask = last_window(seq, lengths, bs)
+                logits, _, _ = self(window, token_mask=mask)
+        return seq[:, :T + step + 1]
 
     @classmethod
     def from_pretrained(cls, name_or_path, dtype=None, dropout=0.0, cache_dir=None):
@@ -444,6 +501,18 @@ class GPT(nn.Module):
         halve the memory (default fp32). The loading code is in pretrained.py."""
         from pretrained import load_pretrained   # here: pretrained.py imports this file
         return load_pretrained(name_or_path, dtype=dtype, dropout=dropout, cache_dir=cache_dir)
+
+
+def last_window(seq, lengths, block_size):
+    """Each row's last min(length, block_size) tokens of seq (B, >= max(lengths)), right-padded, and
+    their token_mask (None when no row needs padding): what generation feeds without the cache."""
+    lengths = torch.tensor(lengths)
+    starts = (lengths - block_size).clamp(min=0)
+    width = int((lengths - starts).max())
+    columns = starts[:, None] + torch.arange(width)               # (B, width), on the host
+    mask = columns < lengths[:, None]
+    columns = torch.minimum(columns, lengths[:, None] - 1)        # padding repeats a real token: masked anyway
+    return seq.gather(1, columns.to(seq.device)), None if bool(mask.all()) else mask
 
 
 def pick_next_token(logits, temperature, top_k, n_vocab):

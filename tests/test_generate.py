@@ -1,6 +1,7 @@
 """
 Generation with the KV cache: the same answers as recomputing the whole prefix every step, for every
-method and both families, also past block_size; chunked prefill; MoE layers route only the new token.
+method and both families, also past block_size; chunked prefill; MoE layers route only the new token;
+prompts of different lengths decoded together give each prompt's own answer.
 
     python -m pytest tests/test_generate.py -q
 """
@@ -78,6 +79,59 @@ def test_cache_matches_a_full_forward_position_by_position(family):
     assert full.std().item() > 0.5                       # logits of order one: 1e-9 is a real bound (float64 gives ~1e-15)
     assert (stepwise - full[:, 4:9]).abs().max().item() <= 1e-9
     assert (chunk - full[:, 9:12]).abs().max().item() <= 1e-9
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("method", ["full", "pesc", "sparse", "adapter", "lora"])
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_prompts_of_different_lengths_decode_together_as_each_alone(family, method, use_cache):
+    """Right-padded prompts of lengths 3..T-1 with a token_mask: each row's new tokens equal those of
+    the prompt generated alone (no padding, a batch of one). With 9 new tokens the rows of 16 and 23
+    run past block_size (T = 24) at different steps, so the cache hands over to per-row windows.
+    The padding holds random ids: had any of it leaked into attention, the answers would move."""
+    model = trained_model(family, method)
+    g = torch.Generator().manual_seed(6)
+    lengths = [7, 3, 16, T - 1, 11]
+    prompts = [torch.randint(V, (n,), generator=g) for n in lengths]
+    idx = torch.randint(V, (len(lengths), max(lengths)), generator=g)      # the padding: random ids
+    for row, p in zip(idx, prompts):
+        row[:len(p)] = p
+    mask = torch.arange(max(lengths))[None, :] < torch.tensor(lengths)[:, None]
+    out = model.generate(idx, 9, temperature=0, use_cache=use_cache, token_mask=mask)
+    assert out.shape == (len(lengths), max(lengths) + 9)
+    for row, p in zip(out, prompts):
+        alone = model.generate(p[None], 9, temperature=0, use_cache=use_cache)[0]
+        assert torch.equal(row[:len(p) + 9], alone)
+    assert len({tuple(row[n:n + 9].tolist()) for row, n in zip(out, lengths)}) == len(lengths)   # real answers
+
+
+def test_rows_of_different_lengths_stop_at_their_own_eos():
+    """A row that produced eos_id keeps emitting it; the others go on; the output ends when all have."""
+    model = trained_model("gpt2", "pesc")
+    g = torch.Generator().manual_seed(7)
+    prompts = [torch.randint(V, (n,), generator=g) for n in (4, 9)]
+    alone = [model.generate(p[None], 12, temperature=0)[0, len(p):] for p in prompts]
+    eos = alone[1][2].item()                                     # the longer prompt's third answer token
+    idx = torch.zeros(2, 9, dtype=torch.long)
+    idx[0, :4], idx[1] = prompts
+    mask = torch.arange(9)[None, :] < torch.tensor([[4], [9]])
+    out = model.generate(idx, 12, temperature=0, eos_id=eos, token_mask=mask)
+    for row, p, want in zip(out, prompts, alone):
+        new = row[len(p):out.size(1) - 9 + len(p)]
+        hit = (want == eos).nonzero()
+        stop = int(hit[0]) if len(hit) else len(want)
+        assert torch.equal(new[:stop + 1], want[:stop + 1])      # its own answer up to its eos
+        assert (new[stop:] == eos).all()                         # then eos only
+    assert out.size(1) - 9 <= 12
+
+
+def test_the_cache_refuses_a_token_mask_after_the_prefill():
+    model = trained_model("gpt2", "full")
+    cache = KVCache(model.config.n_layer, 12)
+    idx = torch.randint(V, (2, 4))
+    model(idx, cache=cache)
+    with pytest.raises(ValueError, match="prefill only"):
+        model(idx, token_mask=torch.ones(2, 4, dtype=torch.bool), cache=cache)
 
 
 def test_moe_layers_route_only_the_new_token():

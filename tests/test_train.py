@@ -294,6 +294,26 @@ def test_greedy_sample_matches_training_evaluation(tuned):
     assert got == want
 
 
+def test_batched_evaluation_answers_as_each_prompt_alone(tuned):
+    """greedy_answers batches prompts of different lengths (right-padded); each answer must be the one
+    the prompt gets alone, and come back in the examples' order."""
+    out, _ = tuned
+    ckpt = read_checkpoint(f"{out}/ckpt.pt")
+    model = build_model(ckpt, f"{out}/ckpt.pt").eval()
+    with torch.no_grad():            # the barely tuned model answers every prompt alike: make them differ
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.2)
+    tok = load_tokenizer(ckpt["tokenizer"])
+    words = ["kiwi", "fig", "watermelon", "plum", "apricot", "lemon", "persimmon"]
+    examples = [dict(family="general", instruction=f"Uppercase: {w}", input="x" * i, output=w.upper())
+                for i, w in enumerate(words)]
+    alone = [greedy_answers(model, tok, [ex], 8, "cpu", nullcontext())[0] for ex in examples]
+    batched = greedy_answers(model, tok, examples, 8, "cpu", nullcontext(), batch_size=3)
+    assert batched == alone
+    assert len(set(alone)) > 1
+
+
 # -----------------------------------------------------------------------------
 # the optimizer, MFU, data files
 
