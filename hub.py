@@ -132,7 +132,7 @@ def download(url, dest, desc=None, timeout=30, headers=None):
 # ----------------------------------------------------------------------------- models
 
 WEIGHTS_HINT = ("model.safetensors (or model.safetensors.index.json and the shards it names, "
-                "or pytorch_model.bin)")
+                "or pytorch_model.bin, or pytorch_model.bin.index.json and its shards)")
 
 
 def fetch_model(repo_id, cache_dir=None, endpoint=None, revision="main"):
@@ -200,14 +200,13 @@ def fetch_repo_files(get, folder, repo_url, revision, endpoint):
         raise
     for name in TOKENIZER_FILES:
         get(name, optional=True)  # models differ in which of these they have
-    if not get("model.safetensors", optional=True):
-        if get("model.safetensors.index.json", optional=True):
-            index = os.path.join(folder, "model.safetensors.index.json")
-            for shard in sorted(set(tensorfile.read_index(index).values())):
-                get(shard)
-        elif not get("pytorch_model.bin", optional=True):
-            raise FileNotFoundError(f"{repo_url} has none of the weight files this project reads: "
-                                    f"{WEIGHTS_HINT}.")
+    for name in tensorfile.WEIGHT_FILES:   # the loader's order: the first kind the repo has is the one it reads
+        if get(name, optional=True):
+            if name.endswith(".index.json"):
+                for shard in sorted(set(tensorfile.read_index(os.path.join(folder, name)).values())):
+                    get(shard)
+            return
+    raise FileNotFoundError(f"{repo_url} has none of the weight files this project reads: {WEIGHTS_HINT}.")
 
 
 # ----------------------------------------------------------------------------- data files

@@ -25,12 +25,12 @@ hence the transposes. Missing keys, wrong shapes, unsupported model types, activ
 scalings are a ValueError that names them.
 """
 
-import json
 import os
 
 import torch
 
 from model import GPT, GPTConfig, rope_inverse_frequencies
+from tensorfile import read_json
 
 GPT2_SIZES = {  # n_layer, n_head, n_embd: the four released GPT-2 models (hub repos "gpt2", "gpt2-medium", ...)
     "gpt2": (12, 12, 768),
@@ -63,11 +63,7 @@ def read_hf_config(source):
     path = os.path.join(folder, "config.json")
     if not os.path.isfile(path):
         return None
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e})") from None
+    return read_json(path)
 
 
 def read_state(source, dtype):
@@ -82,26 +78,21 @@ def load_pretrained(name_or_path, dtype=None, dropout=0.0, cache_dir=None):
     source = resolve(name_or_path, cache_dir)
     hf_config = read_hf_config(source)
     state = read_state(source, dtype or torch.float32)   # fp32 unless asked (bf16 halves the memory)
-    if hf_config is not None and hf_config.get("model_type", "gpt2") != "gpt2":
+    llama = hf_config is not None and hf_config.get("model_type", "gpt2") != "gpt2"
+    if llama:
         config = llama_config(hf_config, source, dropout)
-        state = convert_llama_state(state, config, source)
     else:
         config = gpt2_config(str(name_or_path), hf_config, state, dropout)
-        state = convert_gpt2_state(state, config, source)
     with torch.device("meta"):
         model = GPT(config)
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}   # what the file must provide
+    state = convert_llama_state(state, config, shapes, source) if llama else convert_gpt2_state(state, shapes, source)
     model.load_state_dict(state, assign=True)
     if config.tie_embeddings:  # assign=True replaced both parameters: tie them again
         model.transformer.wte.weight = model.lm_head.weight
     if config.family == "llama":  # a buffer that is not in the file: compute it for real
         model.rope_inv_freq = rope_inverse_frequencies(config.head_dim, config.rope_theta, config.rope_scaling)
     return model
-
-
-def expected_shapes(config):
-    """model.py's state-dict keys and shapes for a config (built on the meta device: no memory)."""
-    with torch.device("meta"):
-        return {k: tuple(v.shape) for k, v in GPT(config).state_dict().items()}
 
 
 def take(state, mapping, shapes, source, family, transposed=()):
@@ -151,10 +142,10 @@ def gpt2_config(name, hf_config, state, dropout):
                      dropout=dropout, bias=True, gelu="tanh", norm_eps=(hf_config or {}).get("layer_norm_epsilon", 1e-5))
 
 
-def convert_gpt2_state(state, config, source):
-    """GPT2Model saves "h.0...", GPT2LMHeadModel "transformer.h.0..." plus a tied lm_head."""
+def convert_gpt2_state(state, shapes, source):
+    """GPT2Model saves "h.0...", GPT2LMHeadModel "transformer.h.0..." plus a tied lm_head.
+    shapes: model.py's state-dict keys and shapes."""
     state = {k.removeprefix("transformer."): v for k, v in state.items() if k != "lm_head.weight"}
-    shapes = expected_shapes(config)
     mapping = {key: key.removeprefix("transformer.") for key in shapes if key != "lm_head.weight"}
     out = take(state, mapping, shapes, source, "GPT-2", transposed=CONV1D_WEIGHTS)
     out["lm_head.weight"] = out["transformer.wte.weight"]   # tied, as GPT-2
@@ -202,8 +193,7 @@ def llama_key(key):
     return key.replace(".ln_1.", ".input_layernorm.").replace(".ln_2.", ".post_attention_layernorm.")
 
 
-def convert_llama_state(state, config, source):
-    shapes = expected_shapes(config)
+def convert_llama_state(state, config, shapes, source):
     mapping = {key: llama_key(key) for key in shapes}
     if config.tie_embeddings:
         mapping["lm_head.weight"] = "model.embed_tokens.weight"   # the file has no lm_head, or a copy

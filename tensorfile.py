@@ -206,13 +206,20 @@ def read_weights(path, dtype=None):
 
 # ----------------------------------------------------------------------------- model folders
 
-def read_index(path):
-    """The "weight_map" ({tensor name: shard file name}) of a sharded checkpoint's index file."""
+def read_json(path):
+    """A model folder's JSON file (config.json, an index, the tokenizer's files); a broken one is a clear error."""
     try:
         with open(path, encoding="utf-8") as f:
-            index = json.load(f)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: not a valid index file: not JSON ({e})") from None
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: bad JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not UTF-8 text") from None
+
+
+def read_index(path):
+    """The "weight_map" ({tensor name: shard file name}) of a sharded checkpoint's index file."""
+    index = read_json(path)
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise ValueError(f"{path}: not a valid index file: it needs a \"weight_map\" object "

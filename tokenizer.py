@@ -54,6 +54,8 @@ import unicodedata
 
 import tiktoken
 
+from tensorfile import read_json
+
 EOT = "<|endoftext|>"
 
 # GPT-2's pre-split regex (tiktoken's spelling of the Hugging Face ByteLevel regex
@@ -217,8 +219,8 @@ def hf_tokenizer(folder):
     def path(name):
         return os.path.join(folder, name)
 
-    config = _read_json(path("tokenizer_config.json")) if os.path.exists(path("tokenizer_config.json")) else {}
-    special_map = (_read_json(path("special_tokens_map.json"))
+    config = read_json(path("tokenizer_config.json")) if os.path.exists(path("tokenizer_config.json")) else {}
+    special_map = (read_json(path("special_tokens_map.json"))
                    if os.path.exists(path("special_tokens_map.json")) else {})
 
     if os.path.exists(path("tokenizer.json")):
@@ -287,16 +289,6 @@ def _special_ids(folder, config, special_map, tok, specials):
     return eos_id, bos_id, token_id(pad, "pad_token") if pad else eos_id
 
 
-def _read_json(path):
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: bad JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
-    except UnicodeDecodeError:
-        raise ValueError(f"{path}: not UTF-8 text") from None
-
-
 def _token_name(entry):
     """A special token as tokenizer_config.json / special_tokens_map.json write it: a string, or
     {"content": ...} (an AddedToken), or null."""
@@ -307,7 +299,7 @@ def _token_name(entry):
 
 def _read_tokenizer_json(path):
     """The parts of a tokenizer.json we use, after checking it is a byte-level BPE we can express."""
-    j = _read_json(path)
+    j = read_json(path)
     model = j.get("model") or {}
     pre, norm, dec = j.get("pre_tokenizer"), j.get("normalizer"), j.get("decoder")
 
@@ -356,7 +348,7 @@ def _read_vocab_and_merges(folder, config, special_map):
                          f"{cls}, whose pre-tokenization we do not know; add the model's tokenizer.json")
     if config.get("add_prefix_space"):
         raise ValueError(f"{folder}: add_prefix_space is not supported")
-    vocab = _read_json(os.path.join(folder, "vocab.json"))
+    vocab = read_json(os.path.join(folder, "vocab.json"))
     merges = []
     with open(os.path.join(folder, "merges.txt"), encoding="utf-8") as f:
         for line in f:
@@ -365,7 +357,7 @@ def _read_vocab_and_merges(folder, config, special_map):
                 merges.append(line)
     added = {}
     if os.path.exists(os.path.join(folder, "added_tokens.json")):
-        added.update(_read_json(os.path.join(folder, "added_tokens.json")))
+        added.update(read_json(os.path.join(folder, "added_tokens.json")))
     # Tokens the config files call special, and that vocab.json lists, are special tokens too.
     names = [special_map.get(k) for k in ("bos_token", "eos_token", "unk_token", "pad_token")]
     names += [config.get(k) for k in ("bos_token", "eos_token", "unk_token", "pad_token")]

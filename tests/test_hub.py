@@ -14,6 +14,7 @@ import struct
 import pytest
 
 import hub
+import tensorfile
 from helpers import FakeHub, isolate_from_network
 
 
@@ -95,6 +96,22 @@ def test_fetch_bin_only_model(server):
     assert server.paths().index("/gpt2/resolve/main/model.safetensors") < \
         server.paths().index("/gpt2/resolve/main/model.safetensors.index.json") < \
         server.paths().index("/gpt2/resolve/main/pytorch_model.bin")
+
+
+def test_fetch_sharded_bin_model(server, tmp_path):
+    """An older repo with only pytorch_model.bin shards: every kind the loader reads is asked for in
+    the loader's order (tensorfile.WEIGHT_FILES), the index found last, its shards fetched."""
+    shards = {"pytorch_model-00001-of-00002.bin": os.urandom(500), "pytorch_model-00002-of-00002.bin": os.urandom(700)}
+    index = {"metadata": {}, "weight_map": {"a": "pytorch_model-00001-of-00002.bin",
+                                            "b": "pytorch_model-00002-of-00002.bin"}}
+    files = {"config.json": b"{}", "pytorch_model.bin.index.json": json.dumps(index).encode(), **shards}
+    add_repo(server, "org/oldbin", files)
+    folder = hub.fetch_model("org/oldbin", cache_dir=str(tmp_path), endpoint=server.endpoint)
+    assert listing(folder) == sorted(files)
+    asked = [p.rsplit("/", 1)[1] for p in server.paths()]
+    kinds = ["model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json"]
+    assert [a for a in asked if a in kinds] == kinds
+    assert tensorfile.find_weight_files(folder)[1:] == [os.path.join(folder, s) for s in sorted(shards)]
 
 
 def test_interrupted_download_resumes(server):
