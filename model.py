@@ -312,10 +312,7 @@ class Unpadded:
 
     def __init__(self, token_mask, device):
         self.B, self.T = token_mask.shape
-        # checked and computed where the mask lives: train.py keeps it on the host, so a GPU never waits
-        if (token_mask[:, 1:] & ~token_mask[:, :-1]).any():
-            raise ValueError("token_mask must mark right padding: each row's real tokens first, then padding "
-                             "(with left padding, causal attention would let real tokens see the padding)")
+        # computed where the mask lives: train.py keeps it on the host, so a GPU never waits
         self.rows = token_mask.reshape(-1).nonzero().squeeze(1).to(device, non_blocking=True)
         self.lengths = token_mask.sum(1)   # real tokens per row, where the mask lives
 
@@ -332,6 +329,15 @@ class Unpadded:
     def pad(self, t):
         """(N_real, C) -> (B, T, C), zeros at the padding positions"""
         return t.new_zeros(self.B * self.T, t.size(-1)).index_copy(0, self.rows, t).view(self.B, self.T, -1)
+
+
+def check_token_mask(token_mask, idx):
+    """A token_mask must have idx's shape and mark right padding (checked where the mask lives)."""
+    if token_mask.shape != idx.shape:
+        raise ValueError(f"token_mask has shape {tuple(token_mask.shape)}; it must match idx, {tuple(idx.shape)}")
+    if (token_mask[:, 1:] & ~token_mask[:, :-1]).any():
+        raise ValueError("token_mask must mark right padding: each row's real tokens first, then padding "
+                         "(with left padding, causal attention would let real tokens see the padding)")
 
 
 @dataclass
@@ -414,8 +420,7 @@ class GPT(nn.Module):
         x = self.transformer.drop(x)
         unpadded = None
         if token_mask is not None:
-            if token_mask.shape != idx.shape:
-                raise ValueError(f"token_mask has shape {tuple(token_mask.shape)}; it must match idx, {tuple(idx.shape)}")
+            check_token_mask(token_mask, idx)
             unpadded = Unpadded(token_mask, x.device)
             x = unpadded.unpad(x)                                        # (N_real, C)
         per_layer = []
@@ -466,6 +471,8 @@ class GPT(nn.Module):
         padding is left of idx (row b's new tokens are columns [length_b, length_b + n))."""
         B, T = idx.shape
         bs = self.config.block_size
+        if token_mask is not None:
+            check_token_mask(token_mask, idx)
         lengths = [T] * B if token_mask is None else token_mask.sum(1).tolist()   # host ints: no GPU sync
         seq = torch.cat((idx, idx.new_zeros(B, max_new_tokens)), dim=1)
         next_column = torch.tensor(lengths, device=idx.device)[:, None]          # (B, 1): where each row's next token goes
@@ -476,6 +483,7 @@ class GPT(nn.Module):
             window, mask = last_window(seq, lengths, bs)
             logits, _, _ = self(window, token_mask=mask)
         finished = torch.zeros(B, dtype=torch.bool, device=idx.device)
+        step = -1                                                                # max_new_tokens = 0: the prompts alone
         for step in range(max_new_tokens):
             idx_next = pick_next_token(logits[:, -1, :].float(), temperature, top_k, n_vocab)   # (B, 1)
             if eos_id is not None:

@@ -125,6 +125,18 @@ def test_rows_of_different_lengths_stop_at_their_own_eos():
     assert out.size(1) - 9 <= 12
 
 
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_generate_refuses_bad_token_masks(use_cache):
+    model = trained_model("gpt2", "full")
+    idx = torch.randint(V, (2, 6))
+    left = torch.tensor([[True] * 6, [False] * 2 + [True] * 4])      # row 1 padded on the left
+    with pytest.raises(ValueError, match="right padding"):
+        model.generate(idx, 3, temperature=0, use_cache=use_cache, token_mask=left)
+    with pytest.raises(ValueError, match="must match idx"):
+        model.generate(idx, 3, temperature=0, use_cache=use_cache, token_mask=torch.ones(2, 5, dtype=torch.bool))
+    assert torch.equal(model.generate(idx, 0, use_cache=use_cache), idx)   # nothing asked: the prompts
+
+
 def test_the_cache_refuses_a_token_mask_after_the_prefill():
     model = trained_model("gpt2", "full")
     cache = KVCache(model.config.n_layer, 12)
