@@ -11,6 +11,20 @@ import torch
 
 
 @torch.no_grad()
+def order_one_weights(model, std):
+    """Weights of order one in place (the default 0.02 init gives logits of order 0.1, which would
+    make a 1e-5 tolerance weak): matrices N(0, std), norms' gains 1 + N(0, 0.1), biases N(0, 0.1)."""
+    for name, p in model.named_parameters():
+        if p.dim() > 1:
+            p.normal_(0.0, std)
+        elif "ln" in name and name.endswith("weight"):
+            p.normal_(1.0, 0.1)
+        else:
+            p.normal_(0.0, 0.1)
+    return model
+
+
+@torch.no_grad()
 def spread_routers(model, idx, seed=0, logit_std=3.0):
     """Router weights that spread the tokens of idx over the experts. The router's own init gives
     near-tied logits, and even a large random W_r often leaves an expert without a single token,

@@ -21,7 +21,7 @@ from torch.func import functional_call
 
 import moe
 from adapters import Adapter, LoRALinear
-from helpers import spread_routers
+from helpers import order_one_weights, spread_routers
 from model import GPT, MLP, GPTConfig, SwiGLU
 from moe import PESCMoE, Router, SparseUpcycledMoE, load_balancing_loss, route, router_z_loss
 from quant import Linear4bit
@@ -48,20 +48,10 @@ def rel_err(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
-@torch.no_grad()
 def random_gpt(seed=0, config=None):
-    """A dense GPT with weights of order one (the default 0.02 init gives logits of order 0.1, which
-    would make a 1e-5 tolerance weak): matrices N(0, 0.2), norms' gains 1 + N(0, 0.1), biases N(0, 0.1)."""
+    """A dense GPT with weights of order one: matrices N(0, 0.2) (helpers.order_one_weights)."""
     torch.manual_seed(seed)
-    model = GPT(config or tiny_config())
-    for name, p in model.named_parameters():
-        if p.dim() > 1:
-            p.normal_(0.0, 0.2)
-        elif "ln" in name and name.endswith("weight"):
-            p.normal_(1.0, 0.1)
-        else:
-            p.normal_(0.0, 0.1)
-    return model
+    return order_one_weights(GPT(config or tiny_config()), 0.2)
 
 
 def tokens(seed, B=2, t=T):

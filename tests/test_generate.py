@@ -11,6 +11,7 @@ import copy
 import pytest
 import torch
 
+from helpers import order_one_weights
 from model import GPT, GPTConfig, KVCache, pick_next_token
 from upcycle import upcycle
 
@@ -30,12 +31,7 @@ def config(family, **overrides):
 def trained_model(family, method, seed=0):
     """A model with order-one weights, upcycled by `method`, its new weights non-zero as after training."""
     torch.manual_seed(seed)
-    model = GPT(config(family))
-    for name, p in model.named_parameters():
-        if p.dim() > 1:
-            p.normal_(0.0, 0.3)
-        else:   # norms' gains around 1, biases around 0
-            p.normal_(1.0, 0.1) if "ln" in name and name.endswith("weight") else p.normal_(0.0, 0.1)
+    model = order_one_weights(GPT(config(family)), 0.3)
     if method != "full":
         upcycle(model, method, n_experts=4, top_k=2, adapter_dim=4, lora_rank=2, lora_targets="all" if method in
                 ("lora", "pesc") else "attention", verbose=False)
