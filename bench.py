@@ -465,7 +465,7 @@ def memory_bench(args):
 @torch.no_grad()
 def answers_by_length(model, tok, examples, max_new_tokens, device, ctx, use_cache):
     """The earlier evaluation, kept here as the baseline: only prompts of equal token length are
-    decoded together (no padding), 64 at a time; without the cache, the way it was before issue 12."""
+    decoded together (no padding), 64 at a time; without the cache, the evaluation before the KV cache."""
     from data.instruct import decode_response, prompt_ids
     prompts = [prompt_ids(tok, ex) for ex in examples]
     by_length = {}
@@ -488,9 +488,9 @@ def eval_bench(args):
     """Greedy answers to the held-out prompts of a checkpoint's run, as train.py's two exact-match
     evaluations produce them -- before tuning (the upcycled base, which computes the base's function
     and, never having learned to stop, writes every token it may) and after (the checkpoint) -- three
-    ways, in turn: evaluate.greedy_answers (prompts of different lengths batched, right-padded, with
+    ways, in turn: evaluate.greedy_answers (prompts of different lengths in padded batches, with
     the KV cache), prompts of equal length only with the cache, and the same without the cache (the
-    whole prefix again for every token: the evaluation before issue 12). The answers must be identical."""
+    whole prefix again for every token: the evaluation before the KV cache). The answers must be identical."""
     from checkpoint import build_model, load_base, read_checkpoint
     from data.instruct import make_instruction_set
     from evaluate import greedy_answers
@@ -506,9 +506,9 @@ def eval_bench(args):
     examples = make_instruction_set(seed=cfg["data_seed"], n_train=cfg["n_train"], n_val=cfg["n_val"])["val"]
     n_new = cfg["eval_max_new_tokens"]
     models = {"before tuning": before.to(device).eval(), "after tuning": tuned}
-    ways = {"batched, cache": lambda m: greedy_answers(m, tok, examples, n_new, device, autocast),
-            "by length, cache": lambda m: answers_by_length(m, tok, examples, n_new, device, autocast, True),
-            "by length, no cache": lambda m: answers_by_length(m, tok, examples, n_new, device, autocast, False)}
+    ways = {"padded, cache": lambda m: greedy_answers(m, tok, examples, n_new, device, autocast),
+            "equal lengths, cache": lambda m: answers_by_length(m, tok, examples, n_new, device, autocast, True),
+            "equal lengths, no cache": lambda m: answers_by_length(m, tok, examples, n_new, device, autocast, False)}
     times = {(name, way): [] for name in models for way in ways}
     answers = {}
     for _ in range(args.runs):
@@ -517,7 +517,7 @@ def eval_bench(args):
                 t0 = time.perf_counter()
                 answers[name, way] = answer(model)
                 times[name, way].append(time.perf_counter() - t0)
-    same = all(answers[name, way] == answers[name, "batched, cache"] for name in models for way in ways)
+    same = all(answers[name, way] == answers[name, "padded, cache"] for name in models for way in ways)
     print(f"\n{args.ckpt}: {len(examples)} held-out prompts, {n_new} new tokens at most, {device_name}, "
           f"{torch.get_num_threads()} threads, median (min-max) of {args.runs} interleaved runs, seconds")
     print("| evaluation | " + " | ".join(ways) + " |")
@@ -529,7 +529,7 @@ def eval_bench(args):
         for way in ways:
             spread = "" if name == "both" else \
                 f" ({min(times[name, way]):.2f}-{max(times[name, way]):.2f})"
-            cells.append(f"{medians[way]:.2f}{spread}, {medians[way] / medians['batched, cache']:.1f}x")
+            cells.append(f"{medians[way]:.2f}{spread}, {medians[way] / medians['padded, cache']:.1f}x")
         print(f"| {name} | " + " | ".join(cells) + " |")
     print(f"answers identical in all three: {same}")
     if args.out:

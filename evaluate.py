@@ -48,9 +48,10 @@ def response_loss(model, encoded, batch_size, pad_id, device, ctx):
 
 @torch.no_grad()
 def greedy_answers(model, tok, examples, max_new_tokens, device, ctx, desc="generate", batch_size=64):
-    """Greedy responses (with the KV cache) for a list of examples. The prompts are sorted by length
-    and decoded batch_size at a time, right-padded with a token_mask (model.py, GPT.generate), so a
-    batch holds prompts of about the same length and the answers are those of each prompt alone."""
+    """Greedy responses (with the KV cache) for a list of examples, decoded batch_size prompts at a
+    time, right-padded with a token_mask (model.py, GPT.generate): the mask makes each answer the one
+    its prompt gets alone (up to float rounding: identical in fp32 on the CPU); sorting the prompts
+    by length keeps the padding, computed by attention only, small."""
     was_training = model.training
     model.eval()
     prompts = [prompt_ids(tok, ex) for ex in examples]

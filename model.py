@@ -36,6 +36,7 @@ Loading Hugging Face checkpoints lives in pretrained.py (GPT.from_pretrained cal
     model = GPT.from_pretrained("gpt2")                     # or "HuggingFaceTB/SmolLM2-135M", a folder
     logits, loss, routing = model(idx, targets)             # idx, targets: (B, T) int64
     out = model.generate(idx, max_new_tokens=32, temperature=0)   # with a KV cache
+    out = model.generate(idx, 32, temperature=0, token_mask=mask) # prompts of different lengths, right-padded
 """
 
 import math
@@ -160,9 +161,9 @@ class KVCache:
         self.lengths = None                # (B,) int64 on the model's device: positions cached in each row
         self.k = [None] * n_layer          # per layer (B, n_kv_head, max_len, hs)
         self.v = [None] * n_layer
-        self.positions = self.mask = None  # of the tokens being fed: set by start()
+        self.positions = self.mask = None  # of the tokens being fed: set by begin()
 
-    def start(self, B, T, device):
+    def begin(self, B, T, device):
         """Called by GPT.forward before the blocks: returns the (B, T) positions of the tokens fed now,
         and sets the attention mask all layers share, (B, 1, T, length + T): which keys each of them
         sees (None while the cache is empty: the prefill's plain causal mask)."""
@@ -410,7 +411,7 @@ class GPT(nn.Module):
         else:
             if token_mask is not None and start > 0:
                 raise ValueError("a token_mask with a KV cache is for the prefill only (an empty cache)")
-            pos = cache.start(B, T, idx.device)                          # (B, T)
+            pos = cache.begin(B, T, idx.device)                          # (B, T)
         x = self.transformer.wte(idx)                                    # (B, T, C)
         rope = None
         if self.config.family == "gpt2":
@@ -464,18 +465,23 @@ class GPT(nn.Module):
         the host, as for forward). With use_cache: one prefill over the prompts, then one token per
         step through every layer (an MoE layer routes only the new tokens). Once a row outgrows
         block_size, every step runs on each row's last block_size tokens without the cache, exactly as
-        nanoGPT's crop does, so the answer never depends on use_cache or on the other rows of the
-        batch. Rows that produced eos_id keep emitting it; generation stops once every row has.
-        n_vocab: the tokenizer's size; ids above it (vocab_size is rounded up) are never sampled.
-        Returns (B, T + n), n <= max_new_tokens: each row's prompt, its n new tokens, then whatever
-        padding is left of idx (row b's new tokens are columns [length_b, length_b + n))."""
+        nanoGPT's crop does, so a greedy answer never depends on use_cache or on the other rows of
+        the batch (up to float rounding; sampled ones share the random draws). Rows that produced
+        eos_id keep emitting it; generation stops once every row has. n_vocab: the tokenizer's size;
+        ids above it (vocab_size is rounded up) are never sampled.
+        Returns (B, T + n), n <= max_new_tokens: row b holds its prompt, its n new tokens at columns
+        [length_b, length_b + n), then what is left of idx's padding and zeros (not a pad id)."""
         B, T = idx.shape
         bs = self.config.block_size
         if token_mask is not None:
             check_token_mask(token_mask, idx)
-        lengths = [T] * B if token_mask is None else token_mask.sum(1).tolist()   # host ints: no GPU sync
+        # each row's length, twice: host ints (the crop windows: no GPU sync) and on the device (where
+        # each row's next token goes); the cache keeps its own copy of the cached part
+        lengths = [T] * B if token_mask is None else token_mask.sum(1).tolist()
+        if min(lengths, default=0) == 0:
+            raise ValueError("generate needs at least one prompt token in every row")
         seq = torch.cat((idx, idx.new_zeros(B, max_new_tokens)), dim=1)
-        next_column = torch.tensor(lengths, device=idx.device)[:, None]          # (B, 1): where each row's next token goes
+        next_column = torch.tensor(lengths, device=idx.device)[:, None]          # (B, 1)
         cache = KVCache(self.config.n_layer, min(T + max_new_tokens, bs)) if use_cache and T <= bs else None
         if cache is not None:
             logits, _, _ = self(idx, token_mask=token_mask, cache=cache)
@@ -489,7 +495,7 @@ class GPT(nn.Module):
             if eos_id is not None:
                 idx_next = torch.where(finished[:, None], torch.full_like(idx_next, eos_id), idx_next)
                 finished |= idx_next[:, 0] == eos_id
-            seq.scatter_(1, next_column + step, idx_next)
+            seq.scatter_(1, next_column + step, idx_next.to(seq.dtype))
             lengths = [n + 1 for n in lengths]
             if step == max_new_tokens - 1 or (eos_id is not None and bool(finished.all())):
                 break

@@ -207,7 +207,8 @@ def read_weights(path, dtype=None):
 # ----------------------------------------------------------------------------- model folders
 
 def read_json(path):
-    """A model folder's JSON file (config.json, an index, the tokenizer's files); a broken one is a clear error."""
+    """A model folder's JSON file, read here for every reader of a folder (config.json, an index,
+    tokenizer.py's tokenizer files); a broken one is a clear error."""
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)

@@ -80,14 +80,16 @@ def test_cache_matches_a_full_forward_position_by_position(family):
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 @pytest.mark.parametrize("method", ["full", "pesc", "sparse", "adapter", "lora"])
 @pytest.mark.parametrize("use_cache", [True, False])
-def test_prompts_of_different_lengths_decode_together_as_each_alone(family, method, use_cache):
-    """Right-padded prompts of lengths 3..T-1 with a token_mask: each row's new tokens equal those of
-    the prompt generated alone (no padding, a batch of one). With 9 new tokens the rows of 16 and 23
-    run past block_size (T = 24) at different steps, so the cache hands over to per-row windows.
-    The padding holds random ids: had any of it leaked into attention, the answers would move."""
+@pytest.mark.parametrize("lengths", [[7, 3, 12, 5, 11], [7, 3, 16, T - 1, 11]])
+def test_prompts_of_different_lengths_decode_together_as_each_alone(family, method, use_cache, lengths):
+    """Right-padded prompts with a token_mask: each row's new tokens equal those of the prompt
+    generated alone without the cache (no padding, a batch of one, the whole window every step).
+    With 9 new tokens the first lengths stay inside block_size (T = 24), so the cache decodes every
+    step; in the second the rows of 16 and 23 run past it at different steps, and the cache hands
+    over to per-row windows. The padding holds random ids: had any of it leaked into attention,
+    the answers would move."""
     model = trained_model(family, method)
     g = torch.Generator().manual_seed(6)
-    lengths = [7, 3, 16, T - 1, 11]
     prompts = [torch.randint(V, (n,), generator=g) for n in lengths]
     idx = torch.randint(V, (len(lengths), max(lengths)), generator=g)      # the padding: random ids
     for row, p in zip(idx, prompts):
@@ -96,7 +98,7 @@ def test_prompts_of_different_lengths_decode_together_as_each_alone(family, meth
     out = model.generate(idx, 9, temperature=0, use_cache=use_cache, token_mask=mask)
     assert out.shape == (len(lengths), max(lengths) + 9)
     for row, p in zip(out, prompts):
-        alone = model.generate(p[None], 9, temperature=0, use_cache=use_cache)[0]
+        alone = model.generate(p[None], 9, temperature=0, use_cache=False)[0]
         assert torch.equal(row[:len(p) + 9], alone)
     assert len({tuple(row[n:n + 9].tolist()) for row, n in zip(out, lengths)}) == len(lengths)   # real answers
 
@@ -112,13 +114,14 @@ def test_rows_of_different_lengths_stop_at_their_own_eos():
     idx[0, :4], idx[1] = prompts
     mask = torch.arange(9)[None, :] < torch.tensor([[4], [9]])
     out = model.generate(idx, 12, temperature=0, eos_id=eos, token_mask=mask)
+    n_new, stops = out.size(1) - 9, []
     for row, p, want in zip(out, prompts, alone):
-        new = row[len(p):out.size(1) - 9 + len(p)]
+        new = row[len(p):len(p) + n_new]
         hit = (want == eos).nonzero()
-        stop = int(hit[0]) if len(hit) else len(want)
-        assert torch.equal(new[:stop + 1], want[:stop + 1])      # its own answer up to its eos
-        assert (new[stop:] == eos).all()                         # then eos only
-    assert out.size(1) - 9 <= 12
+        stops.append(int(hit[0]) if len(hit) else 12)            # 12: this row never produces eos
+        assert torch.equal(new[:stops[-1] + 1], want[:min(stops[-1] + 1, n_new)])   # its own answer up to its eos
+        assert (new[stops[-1]:] == eos).all()                    # then eos only
+    assert n_new == min(12, max(stops) + 1)                      # ends with the last row's eos, or at 12
 
 
 @pytest.mark.parametrize("use_cache", [True, False])
@@ -131,6 +134,31 @@ def test_generate_refuses_bad_token_masks(use_cache):
     with pytest.raises(ValueError, match="must match idx"):
         model.generate(idx, 3, temperature=0, use_cache=use_cache, token_mask=torch.ones(2, 5, dtype=torch.bool))
     assert torch.equal(model.generate(idx, 0, use_cache=use_cache), idx)   # nothing asked: the prompts
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_forward_without_targets_gives_each_rows_last_real_token(family):
+    """With a token_mask and no targets, the logits are those of each row's last real token: the
+    same as a full forward of that row alone, read at its last position (float64)."""
+    model = trained_model(family, "pesc").double()
+    g = torch.Generator().manual_seed(8)
+    lengths = [5, 12, 1]
+    idx = torch.randint(V, (3, 12), generator=g)
+    mask = torch.arange(12)[None, :] < torch.tensor(lengths)[:, None]
+    with torch.no_grad():
+        last, _, _ = model(idx, token_mask=mask)
+        for b, n in enumerate(lengths):
+            full, _, _ = model(idx[b:b + 1, :n], idx[b:b + 1, :n])     # with targets: every position's logits
+            assert (last[b, 0] - full[0, n - 1]).abs().max().item() <= 1e-9
+    assert last.shape == (3, 1, model.config.vocab_size)
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_generate_refuses_a_row_without_tokens(use_cache):
+    model = trained_model("gpt2", "full")
+    mask = torch.tensor([[True] * 4, [False] * 4])
+    with pytest.raises(ValueError, match="at least one prompt token"):
+        model.generate(torch.randint(V, (2, 4)), 3, temperature=0, use_cache=use_cache, token_mask=mask)
 
 
 def test_the_cache_refuses_a_token_mask_after_the_prefill():
