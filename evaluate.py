@@ -59,9 +59,9 @@ def greedy_answers(model, tok, examples, max_new_tokens, device, ctx, desc="gene
     answers = [None] * len(examples)
     for s in tqdm(range(0, len(order), batch_size), desc=desc, leave=False):
         chunk = order[s:s + batch_size]
-        width = max(len(prompts[i]) for i in chunk)
-        idx = torch.tensor([prompts[i] + [tok.pad_id] * (width - len(prompts[i])) for i in chunk], dtype=torch.long)
-        mask = torch.tensor([[t < len(prompts[i]) for t in range(width)] for i in chunk])   # stays on the host
+        # right-padded as in training (the targets collate also pads go unused); the mask stays on the host
+        idx, _, mask = collate([(prompts[i], prompts[i]) for i in chunk], tok.pad_id)
+        width = idx.size(1)
         with ctx:
             out = model.generate(idx.to(device), max_new_tokens, temperature=0, eos_id=tok.eos_id, n_vocab=tok.n_vocab,
                                  token_mask=mask)

@@ -191,14 +191,14 @@ class KVCache:
         end = self.length + k.size(2)
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
-    def advance(self, T, token_mask=None):
+    def advance(self, T, real_lengths=None):
         """Called by GPT.forward after the blocks: every row holds T more positions, or, after a
-        right-padded prefill, as many as its real tokens."""
+        right-padded prefill, as many as its real tokens (real_lengths, Unpadded.lengths)."""
         self.length += T
-        if token_mask is None:
+        if real_lengths is None:
             self.lengths = self.lengths + T
         else:
-            self.lengths = token_mask.sum(1).to(self.lengths.device)
+            self.lengths = real_lengths.to(self.lengths.device)
 
 
 # -----------------------------------------------------------------------------
@@ -430,7 +430,7 @@ class GPT(nn.Module):
             if routing is not None:
                 per_layer.append(routing)
         if cache is not None:
-            cache.advance(T, token_mask)
+            cache.advance(T, None if unpadded is None else unpadded.lengths)
         x = self.transformer.ln_f(x)
         routing = None
         if per_layer:
